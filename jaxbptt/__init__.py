@@ -1,0 +1,18 @@
+"""jaxbptt: backpropagation through time for RNN, LSTM and GRU, derived by hand."""
+
+from jaxbptt.gru import GRUParams as GRUParams
+from jaxbptt.gru import gru as gru
+from jaxbptt.gru import init_gru as init_gru
+from jaxbptt.lstm import LSTMParams as LSTMParams
+from jaxbptt.lstm import LSTMState as LSTMState
+from jaxbptt.lstm import init_lstm as init_lstm
+from jaxbptt.lstm import lstm as lstm
+from jaxbptt.output import OutputParams as OutputParams
+from jaxbptt.output import cross_entropy as cross_entropy
+from jaxbptt.output import init_output as init_output
+from jaxbptt.output import predict as predict
+from jaxbptt.rnn import RNNParams as RNNParams
+from jaxbptt.rnn import init_rnn as init_rnn
+from jaxbptt.rnn import rnn as rnn
+
+__version__ = "0.1.0"

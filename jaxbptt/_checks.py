@@ -1,0 +1,106 @@
+"""Input validation, run at trace time so that errors name the offending shapes.
+
+Shapes are static under ``jit``, so every check here raises while tracing, before
+XLA sees anything: a clear ``ValueError`` (shapes, ranks) or ``TypeError``
+(dtypes) instead of a broadcast that silently does the wrong thing.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _shape_dtype(where, x):
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{where} must be an array, got {type(x).__name__}")
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _float(where, dtype):
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{where} must have a floating dtype, got {dtype}")
+
+
+def params(p, spec):
+    """Checks the NamedTuple ``p`` against ``spec`` and returns ``(n_a, n_x, dtype)``.
+
+    ``spec`` maps each field to its dims, each one of ``"n_a"``, ``"n_x"`` or
+    ``"n_a+n_x"``. n_a is read from the first field, n_x from the first field
+    that involves it; every field must then agree, with one float dtype.
+    """
+    kind = type(p).__name__
+    shapes = {}
+    for field, dims in spec.items():
+        where = f"{kind}.{field}"
+        shape, dtype = _shape_dtype(where, getattr(p, field))
+        if len(shape) != len(dims):
+            raise ValueError(
+                f"{where} must have rank {len(dims)} with shape ({', '.join(dims)}), "
+                f"got shape {shape}")
+        _float(where, dtype)
+        shapes[field] = (shape, dtype)
+    first = next(iter(spec))
+    n_a = shapes[first][0][0]
+    n_x = None
+    for field, dims in spec.items():
+        for size, dim in zip(shapes[field][0], dims):
+            if dim == "n_x":
+                n_x = size
+            elif dim == "n_a+n_x":
+                n_x = size - n_a
+            if n_x is not None:
+                break
+        if n_x is not None:
+            break
+    if n_x is None or n_x < 1:
+        raise ValueError(f"{kind}: cannot read an input size n_x >= 1 from shapes "
+                         f"{ {f: s for f, (s, _) in shapes.items()} } with n_a={n_a}")
+    sizes = {"n_a": n_a, "n_x": n_x, "n_a+n_x": n_a + n_x}
+    dtype = shapes[first][1]
+    for field, dims in spec.items():
+        shape, dt = shapes[field]
+        expected = tuple(sizes[d] for d in dims)
+        if shape != expected:
+            raise ValueError(
+                f"{kind}.{field} has shape {shape}, expected {expected} = "
+                f"({', '.join(dims)}) with n_a={n_a} (from {kind}.{first} "
+                f"{shapes[first][0]}) and n_x={n_x}")
+        if dt != dtype:
+            raise TypeError(f"{kind} mixes dtypes: {kind}.{first} is {dtype} but "
+                            f"{kind}.{field} is {dt}")
+    return n_a, n_x, dtype
+
+
+def sequence(xs, n_x, dtype):
+    """Checks ``xs`` is (T, B, n_x) with T >= 1 and ``dtype``; returns ``(T, B)``."""
+    shape, dt = _shape_dtype("xs", xs)
+    if len(shape) != 3:
+        raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape {shape}"
+                         " (batch a single sequence as xs[:, None])")
+    _float("xs", dt)
+    T, B, nx = shape
+    if T < 1:
+        raise ValueError(f"xs must hold at least one time step, got shape {shape}")
+    if nx != n_x:
+        raise ValueError(f"xs has shape {shape} but the params expect n_x={n_x} "
+                         f"inputs: xs must be (T, B, {n_x})")
+    if dt != dtype:
+        raise TypeError(f"xs is {dt} but the params are {dtype}; cast one of them")
+    return T, B
+
+
+def state(where, x, B, n_a, dtype):
+    """Checks an initial state ``x`` is (B, n_a) of ``dtype``."""
+    shape, dt = _shape_dtype(where, x)
+    if shape != (B, n_a):
+        raise ValueError(f"{where} has shape {shape}, expected (B, n_a) = ({B}, {n_a}) "
+                         f"from xs (T, {B}, n_x) and the params' n_a={n_a}")
+    _float(where, dt)
+    if dt != dtype:
+        raise TypeError(f"{where} is {dt} but the params are {dtype}; cast one of them")
+
+
+def backward_mode(backward):
+    if backward not in ("bptt", "autodiff"):
+        raise ValueError(f"backward must be 'bptt' or 'autodiff', got {backward!r}")

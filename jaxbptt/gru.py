@@ -1,0 +1,250 @@
+"""The GRU cell in its two published variants, forwards and hand-derived backwards.
+
+Both variants share the update and reset gates (every W* is (n_a, n_a + n_x) and
+acts on [a<t-1>; x<t>]; the hidden half is W*h, the input half W*x)::
+
+    Γu<t> = σ(Wu [a<t-1>; x<t>] + bu)          update gate
+    Γr<t> = σ(Wr [a<t-1>; x<t>] + br)          reset gate
+    a<t>  = Γu<t> * c̃<t> + (1 - Γu<t>) * a<t-1>   (the course's c<t> = a<t>)
+
+and differ in the candidate c̃<t>:
+
+``variant="course"`` (the course; Cho et al. 2014): reset before the product::
+
+    c̃<t> = tanh(Wch (Γr<t> * a<t-1>) + Wcx x<t> + bc)
+
+``variant="cudnn"`` (cuDNN, PyTorch ``nn.GRU``, Flax ``GRUCell``): reset after
+the hidden-side product, which has its own bias ``bch``::
+
+    c̃<t> = tanh(Wcx x<t> + bc + Γr<t> * (Wch a<t-1> + bch))
+
+The variant is read from the params (``bch is None`` for the course's) and may
+be stated with ``gru(..., variant=...)``. PyTorch's ``nn.GRU`` keeps
+z = 1 - Γu ("keep the old state"); since 1 - σ(v) = σ(-v), its weights map as::
+
+    Wu = -[W_hz, W_iz]   bu = -(b_iz + b_hz)
+    Wr =  [W_hr, W_ir]   br =   b_ir + b_hr
+    Wc =  [W_hn, W_in]   bc =   b_in,   bch = b_hn
+
+(``weight_ih_l0`` / ``weight_hh_l0`` stack the r, z, n rows in that order.)
+
+Backward, with da = dL/da<t> from step t+1 plus the output's own cotangent::
+
+    dzu = da * (c̃ - a<t-1>) * Γu (1 - Γu)
+    dzc = da * Γu * (1 - c̃**2)
+  course:
+    d(Γr a<t-1>) = Wch^T dzc
+    dzr     = d(Γr a<t-1>) * a<t-1> * Γr (1 - Γr)
+    da<t-1> = da (1 - Γu) + Γr * d(Γr a<t-1>) + Wuh^T dzu + Wrh^T dzr
+    dWch    = sum_t dzc (Γr a<t-1>)^T
+  cudnn, with h̃ = Wch a<t-1> + bch:
+    dh̃      = dzc * Γr
+    dzr     = dzc * h̃ * Γr (1 - Γr)
+    da<t-1> = da (1 - Γu) + Wuh^T dzu + Wrh^T dzr + Wch^T dh̃
+    dWch    = sum_t dh̃ a<t-1>^T,   dbch = sum_t dh̃
+  both: dW*x = sum_t dz* x<t>^T, db* = sum_t dz*, dx<t> = Wux^T dzu + Wrx^T dzr + Wcx^T dzc,
+  and dW*h = sum_t dz* a<t-1>^T for the gates.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxbptt import _checks, _driver
+
+VARIANTS = ("course", "cudnn")
+
+
+class GRUParams(NamedTuple):
+    """Parameters of the GRU cell; each W* acts on [a<t-1>; x<t>]."""
+
+    Wu: jax.Array  # (n_a, n_a + n_x)
+    bu: jax.Array  # (n_a,)
+    Wr: jax.Array  # (n_a, n_a + n_x)
+    br: jax.Array  # (n_a,)
+    Wc: jax.Array  # (n_a, n_a + n_x)
+    bc: jax.Array  # (n_a,)
+    bch: Optional[jax.Array] = None  # (n_a,) for "cudnn"; None for "course"
+
+
+def _spec(variant):
+    spec = {f: ("n_a", "n_a+n_x") if f[0] == "W" else ("n_a",) for f in GRUParams._fields}
+    if variant == "course":
+        del spec["bch"]
+    return spec
+
+
+def init_gru(key, n_x, n_a, dtype=jnp.float32, *, variant="course") -> GRUParams:
+    """Weights uniform in ±1/sqrt(n_a) (PyTorch's default), zero biases.
+
+    ``variant="cudnn"`` adds the hidden-side candidate bias ``bch``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    k = 1.0 / jnp.sqrt(n_a)
+    keys = jax.random.split(key, 3)
+    W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]
+    zeros = jnp.zeros((n_a,), dtype)
+    bch = zeros if variant == "cudnn" else None
+    return GRUParams(W[0], zeros, W[1], zeros, W[2], zeros, bch)
+
+
+def _split_w(p):
+    """The hidden halves (each (n_a, n_a)) and [Wux; Wrx; Wcx] (3 n_a, n_x)."""
+    n_a = p.bu.shape[0]
+    Wx = jnp.concatenate([p.Wu[:, n_a:], p.Wr[:, n_a:], p.Wc[:, n_a:]])
+    return p.Wu[:, :n_a], p.Wr[:, :n_a], p.Wc[:, :n_a], Wx
+
+
+def _project(p, xs):
+    return xs @ _split_w(p)[3].T + jnp.concatenate([p.bu, p.br, p.bc])  # (T, B, 3 n_a)
+
+
+def _grads(p, xs, dz_x, dWh, dbch):
+    """GRUParams gradient from the input-side deltas [dzu, dzr, dzc] and dW*h."""
+    Wx = _split_w(p)[3]
+    dWx = jnp.split(jnp.einsum("tbg,tbj->gj", dz_x, xs), 3)
+    db = jnp.split(dz_x.sum((0, 1)), 3)
+    dW = [jnp.concatenate([h, x], axis=1) for h, x in zip(dWh, dWx)]
+    return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dbch), dz_x @ Wx
+
+
+class _CourseGRUCell:
+    """Course / Cho et al. GRU: residuals (Γu, Γr, c̃)."""
+
+    @staticmethod
+    def recurrent(p):
+        Wuh, Wrh, Wch, _ = _split_w(p)
+        return jnp.concatenate([Wuh, Wrh]), Wch  # (2 n_a, n_a), (n_a, n_a)
+
+    project = staticmethod(_project)
+
+    @staticmethod
+    def step(rec, a_prev, zx_t):
+        Wurh, Wch = rec
+        zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
+        zhu, zhr = jnp.split(a_prev @ Wurh.T, 2, axis=-1)
+        gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
+        cc = jnp.tanh(zxc + (gr * a_prev) @ Wch.T)
+        return gu * cc + (1 - gu) * a_prev, (gu, gr, cc)
+
+    @staticmethod
+    def step_bwd(rec, a_prev, a, res, da_next, dh):
+        del a
+        Wurh, Wch = rec
+        gu, gr, cc = res
+        da = da_next + dh
+        dzu = da * (cc - a_prev) * gu * (1 - gu)
+        dzc = da * gu * (1 - cc**2)
+        dra = dzc @ Wch  # dL/d(Γr * a<t-1>)
+        dzr = dra * a_prev * gr * (1 - gr)
+        dzur = jnp.concatenate([dzu, dzr], axis=-1)
+        da_prev = da * (1 - gu) + gr * dra + dzur @ Wurh
+        return da_prev, jnp.concatenate([dzur, dzc], axis=-1)
+
+    @staticmethod
+    def param_grads(p, xs, a_prevs, res, dz):
+        _, gr, _ = res
+        dzu, dzr, dzc = jnp.split(dz, 3, axis=-1)
+        dWh = (jnp.einsum("tbg,tbj->gj", dzu, a_prevs),
+               jnp.einsum("tbg,tbj->gj", dzr, a_prevs),
+               jnp.einsum("tbg,tbj->gj", dzc, gr * a_prevs))
+        return _grads(p, xs, dz, dWh, None)
+
+    @staticmethod
+    def output(a):
+        return a
+
+
+class _CudnnGRUCell:
+    """cuDNN / PyTorch / Flax GRU: residuals (Γu, Γr, c̃, h̃ = Wch a<t-1> + bch)."""
+
+    @staticmethod
+    def recurrent(p):
+        Wuh, Wrh, Wch, _ = _split_w(p)
+        return jnp.concatenate([Wuh, Wrh, Wch]), p.bch  # (3 n_a, n_a), (n_a,)
+
+    project = staticmethod(_project)
+
+    @staticmethod
+    def step(rec, a_prev, zx_t):
+        Wh, bch = rec
+        zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
+        zhu, zhr, hc = jnp.split(a_prev @ Wh.T, 3, axis=-1)
+        gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
+        hc = hc + bch
+        cc = jnp.tanh(zxc + gr * hc)
+        return gu * cc + (1 - gu) * a_prev, (gu, gr, cc, hc)
+
+    @staticmethod
+    def step_bwd(rec, a_prev, a, res, da_next, dh):
+        del a
+        Wh, _ = rec
+        gu, gr, cc, hc = res
+        da = da_next + dh
+        dzu = da * (cc - a_prev) * gu * (1 - gu)
+        dzc = da * gu * (1 - cc**2)
+        dzr = dzc * hc * gr * (1 - gr)
+        dhc = dzc * gr
+        dzh = jnp.concatenate([dzu, dzr, dhc], axis=-1)  # hidden-side deltas
+        return da * (1 - gu) + dzh @ Wh, (dzh, dzc)
+
+    @staticmethod
+    def param_grads(p, xs, a_prevs, res, dz):
+        del res
+        dzh, dzc = dz
+        n_a = p.bu.shape[0]
+        dWh = jnp.split(jnp.einsum("tbg,tbj->gj", dzh, a_prevs), 3)
+        dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)
+        return _grads(p, xs, dz_x, dWh, dzh[..., 2 * n_a:].sum((0, 1)))
+
+    @staticmethod
+    def output(a):
+        return a
+
+
+GRU_CELLS = {"course": _CourseGRUCell(), "cudnn": _CudnnGRUCell()}
+
+
+def gru_variant(params: GRUParams, variant=None) -> str:
+    """The variant ``params`` are for, checked against ``variant`` if given."""
+    inferred = "course" if params.bch is None else "cudnn"
+    if variant is None:
+        return inferred
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant != inferred:
+        have = "no bch" if params.bch is None else "a bch"
+        raise ValueError(
+            f"variant={variant!r} but the GRUParams have {have}: the 'cudnn' variant "
+            "needs the hidden-side candidate bias bch, the 'course' variant has none "
+            f"(init_gru(..., variant={variant!r}) makes matching params)")
+    return variant
+
+
+def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None):
+    """Runs the GRU over a sequence.
+
+    Args:
+      params: a `GRUParams`.
+      xs: inputs, (T, B, n_x), time-major.
+      a0: initial hidden state (B, n_a); ``None`` for zeros.
+      backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
+        ``"autodiff"`` for JAX's own derivative of the same forward.
+      variant: ``"course"`` or ``"cudnn"`` (see the module docstring); ``None``
+        reads it from the params (``params.bch is None`` for ``"course"``).
+
+    Returns:
+      ``(hs, a_T)``: all hidden states (T, B, n_a) and the last one (B, n_a).
+    """
+    variant = gru_variant(params, variant)
+    n_a, n_x, dtype = _checks.params(params, _spec(variant))
+    _, B = _checks.sequence(xs, n_x, dtype)
+    _checks.backward_mode(backward)
+    if a0 is None:
+        a0 = jnp.zeros((B, n_a), dtype)
+    _checks.state("a0", a0, B, n_a, dtype)
+    return _driver.run(GRU_CELLS[variant], params, xs, a0, backward)

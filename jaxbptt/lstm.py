@@ -1,0 +1,161 @@
+"""The LSTM cell, its forward and its hand-derived backward (course notation).
+
+Forward, with [a<t-1>; x<t>] the concatenation and every W* of shape
+(n_a, n_a + n_x)::
+
+    Γf<t> = σ(Wf [a<t-1>; x<t>] + bf)          forget gate
+    Γi<t> = σ(Wi [a<t-1>; x<t>] + bi)          input (update) gate, the course's Γu
+    c̃<t>  = tanh(Wc [a<t-1>; x<t>] + bc)       candidate
+    Γo<t> = σ(Wo [a<t-1>; x<t>] + bo)          output gate
+    c<t>  = Γf<t> * c<t-1> + Γi<t> * c̃<t>
+    a<t>  = Γo<t> * tanh(c<t>)
+
+Backward (the course's equations 7-21), with da<t> = dL/da<t> from step t+1
+plus the output's own cotangent, and dc<t> carried from step t+1::
+
+    dc      = dc<t> + da<t> * Γo * (1 - tanh(c<t>)**2)   # all paths into c<t>
+    dzo     = da<t> * tanh(c<t>) * Γo * (1 - Γo)
+    dzc     = dc * Γi * (1 - c̃**2)
+    dzi     = dc * c̃ * Γi * (1 - Γi)
+    dzf     = dc * c<t-1> * Γf * (1 - Γf)
+    dc<t-1> = dc * Γf
+    [da<t-1>; dx<t>] = Wf^T dzf + Wi^T dzi + Wc^T dzc + Wo^T dzo
+    dW*     = sum_t dz* [a<t-1>; x<t>]^T,   db* = sum_t dz*
+
+Inside the loop only the hidden half of the W's is used, fused as one
+(4 n_a, n_a) matrix; the input half acts on all x<t> in one matmul before the
+loop (and dx, dW* are single matmuls after it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbptt import _checks, _driver
+
+
+class LSTMParams(NamedTuple):
+    """Parameters of the LSTM cell; each W* acts on [a<t-1>; x<t>]."""
+
+    Wf: jax.Array  # (n_a, n_a + n_x)
+    bf: jax.Array  # (n_a,)
+    Wi: jax.Array  # (n_a, n_a + n_x)
+    bi: jax.Array  # (n_a,)
+    Wc: jax.Array  # (n_a, n_a + n_x)
+    bc: jax.Array  # (n_a,)
+    Wo: jax.Array  # (n_a, n_a + n_x)
+    bo: jax.Array  # (n_a,)
+
+
+class LSTMState(NamedTuple):
+    """The LSTM's state: hidden a<t> first, memory cell c<t> second (as PyTorch's (h, c))."""
+
+    a: jax.Array  # (B, n_a)
+    c: jax.Array  # (B, n_a)
+
+
+_SPEC = {f: ("n_a", "n_a+n_x") if f[0] == "W" else ("n_a",) for f in LSTMParams._fields}
+
+
+def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParams:
+    """Weights uniform in ±1/sqrt(n_a) (PyTorch's default); biases zero but bf.
+
+    ``bf = forget_bias`` (1.0 by default, Jozefowicz et al. 2015) keeps the
+    memory open at initialisation.
+    """
+    k = 1.0 / jnp.sqrt(n_a)
+    keys = jax.random.split(key, 4)
+    W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]
+    zeros = jnp.zeros((n_a,), dtype)
+    return LSTMParams(W[0], zeros + forget_bias, W[1], zeros, W[2], zeros, W[3], zeros)
+
+
+def _fused(p):
+    """[Wf; Wi; Wc; Wo] (4 n_a, n_a + n_x) and [bf; bi; bc; bo] (4 n_a,)."""
+    return (jnp.concatenate([p.Wf, p.Wi, p.Wc, p.Wo]),
+            jnp.concatenate([p.bf, p.bi, p.bc, p.bo]))
+
+
+class _LSTMCell:
+    """The LSTM for the driver: carry LSTMState, residuals the four gates."""
+
+    @staticmethod
+    def recurrent(p):
+        n_a = p.bf.shape[0]
+        return _fused(p)[0][:, :n_a]  # Wh (4 n_a, n_a)
+
+    @staticmethod
+    def project(p, xs):
+        W, b = _fused(p)
+        return xs @ W[:, p.bf.shape[0]:].T + b  # (T, B, 4 n_a)
+
+    @staticmethod
+    def step(Wh, s, zx_t):
+        z = zx_t + s.a @ Wh.T
+        zf, zi, zc, zo = jnp.split(z, 4, axis=-1)
+        gf, gi, cc, go = jax.nn.sigmoid(zf), jax.nn.sigmoid(zi), jnp.tanh(zc), jax.nn.sigmoid(zo)
+        c = gf * s.c + gi * cc
+        a = go * jnp.tanh(c)
+        return LSTMState(a, c), (gf, gi, cc, go)
+
+    @staticmethod
+    def step_bwd(Wh, prev, s, gates, ds_next, dh):
+        gf, gi, cc, go = gates
+        da = ds_next.a + dh  # dL/da<t>: through step t+1, and as an output
+        tc = jnp.tanh(s.c)
+        dc = ds_next.c + da * go * (1 - tc**2)
+        dzo = da * tc * go * (1 - go)
+        dzc = dc * gi * (1 - cc**2)
+        dzi = dc * cc * gi * (1 - gi)
+        dzf = dc * prev.c * gf * (1 - gf)
+        dz = jnp.concatenate([dzf, dzi, dzc, dzo], axis=-1)  # (B, 4 n_a)
+        return LSTMState(a=dz @ Wh, c=dc * gf), dz
+
+    @staticmethod
+    def param_grads(p, xs, prevs, gates, dz):
+        del gates
+        n_a = p.bf.shape[0]
+        W, _ = _fused(p)
+        dWh = jnp.einsum("tbg,tbj->gj", dz, prevs.a)  # (4 n_a, n_a)
+        dWx = jnp.einsum("tbg,tbj->gj", dz, xs)  # (4 n_a, n_x)
+        dW = jnp.split(jnp.concatenate([dWh, dWx], axis=1), 4)
+        db = jnp.split(dz.sum((0, 1)), 4)
+        grads = LSTMParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dW[3], db[3])
+        return grads, dz @ W[:, n_a:]
+
+    @staticmethod
+    def output(s):
+        return s.a
+
+
+LSTM_CELL = _LSTMCell()
+
+
+def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt"):
+    """Runs the LSTM over a sequence.
+
+    Args:
+      params: an `LSTMParams`.
+      xs: inputs, (T, B, n_x), time-major.
+      state0: initial `LSTMState` (a0, c0), each (B, n_a); ``None`` for zeros.
+      backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
+        ``"autodiff"`` for JAX's own derivative of the same forward.
+
+    Returns:
+      ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
+      `LSTMState`. Gradients flow to params, xs, a0 and c0.
+    """
+    n_a, n_x, dtype = _checks.params(params, _SPEC)
+    _, B = _checks.sequence(xs, n_x, dtype)
+    _checks.backward_mode(backward)
+    if state0 is None:
+        state0 = LSTMState(jnp.zeros((B, n_a), dtype), jnp.zeros((B, n_a), dtype))
+    if not isinstance(state0, LSTMState):
+        raise TypeError(f"state0 must be an LSTMState(a, c) or None, got "
+                        f"{type(state0).__name__}")
+    _checks.state("state0.a", state0.a, B, n_a, dtype)
+    _checks.state("state0.c", state0.c, B, n_a, dtype)
+    return _driver.run(LSTM_CELL, params, xs, state0, backward)

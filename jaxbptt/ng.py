@@ -1,0 +1,192 @@
+"""The Sequence Models course's functions, names and layout, on jaxbptt's core.
+
+Arrays are columns, as in the course: ``x`` is (n_x, m, T_x), ``a`` is
+(n_a, m, T_x), a single step ``xt`` is (n_x, m); biases are (n, 1). Parameters are
+dicts with the course's keys. The forwards run the core cells
+(`jaxbptt.rnn`, `jaxbptt.lstm`); the backwards run the core's BPTT reverse scan
+(``_driver.backward``) on the course's caches, so ``rnn_cell_backward`` is the
+same code as ``rnn_backward`` with T_x = 1. Every function is jittable.
+
+Float64 needs ``jax.config.update("jax_enable_x64", True)``; otherwise JAX computes
+in float32 (the course's published values then agree to about 1e-6).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbptt import _checks, _driver
+from jaxbptt.lstm import LSTM_CELL, LSTMParams, LSTMState
+from jaxbptt.lstm import _SPEC as _LSTM_SPEC
+from jaxbptt.rnn import RNN_CELL, RNNParams
+from jaxbptt.rnn import _SPEC as _RNN_SPEC
+
+_LSTM_GATES = ("f", "i", "c", "o")
+
+
+def softmax(x):
+    """The course's softmax: over axis 0 (the classes of each column)."""
+    return jax.nn.softmax(x, axis=0)
+
+
+def _col(b):
+    return b[:, None]
+
+
+def _rnn_params(parameters):
+    p = RNNParams(parameters["Wax"], parameters["Waa"], parameters["ba"][:, 0])
+    _checks.params(p, _RNN_SPEC)
+    return p
+
+
+def _lstm_params(parameters):
+    p = LSTMParams(*(parameters[k + g] for g in _LSTM_GATES for k in "Wb"))
+    p = p._replace(**{"b" + g: getattr(p, "b" + g)[:, 0] for g in _LSTM_GATES})
+    _checks.params(p, _LSTM_SPEC)
+    return p
+
+
+def _time_major(x):
+    """(n, m, T) course columns <-> (T, m, n) core rows; its own inverse."""
+    return jnp.transpose(x, (2, 1, 0))
+
+
+# ----------------------------------------------------------------------------- RNN
+
+
+def rnn_cell_forward(xt, a_prev, parameters):
+    """One RNN step. xt (n_x, m), a_prev (n_a, m); keys Wax, Waa, Wya, ba, by.
+
+    Returns ``(a_next (n_a, m), yt_pred (n_y, m), cache)``, cache =
+    ``(a_next, a_prev, xt, parameters)``.
+    """
+    a, y, caches = rnn_forward(xt[:, :, None], a_prev, parameters)
+    return a[:, :, 0], y[:, :, 0], caches[0][0]
+
+
+def rnn_forward(x, a0, parameters):
+    """The RNN over x (n_x, m, T_x) from a0 (n_a, m).
+
+    Returns ``(a (n_a, m, T_x), y_pred (n_y, m, T_x), caches)``, caches =
+    ``(list of the T_x step caches, x)``.
+    """
+    p = _rnn_params(parameters)
+    _checks.sequence(_time_major(x), p.Wax.shape[1], p.Wax.dtype)
+    hs, _, _ = _driver.forward(RNN_CELL, p, _time_major(x), a0.T, keep_residuals=False)
+    a = _time_major(hs)
+    y_pred = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wya"], a)
+                     + parameters["by"][:, :, None])
+    a_prevs = jnp.concatenate([a0[:, :, None], a[:, :, :-1]], axis=2)
+    caches = [(a[:, :, t], a_prevs[:, :, t], x[:, :, t], parameters)
+              for t in range(x.shape[2])]
+    return a, y_pred, (caches, x)
+
+
+def rnn_cell_backward(da_next, cache):
+    """Backward of one RNN step: da_next (n_a, m) is dL/da_next.
+
+    Returns ``{dxt, da_prev, dWax, dWaa, dba}``.
+    """
+    a_next, a_prev, xt, parameters = cache
+    g = rnn_backward(da_next[:, :, None], ([cache], xt[:, :, None]))
+    return {"dxt": g["dx"][:, :, 0], "da_prev": g["da0"], "dWax": g["dWax"],
+            "dWaa": g["dWaa"], "dba": g["dba"]}
+
+
+def rnn_backward(da, caches):
+    """BPTT for the RNN: da (n_a, m, T_x) is dL/da<t> for every t (upstream only).
+
+    The reverse scan adds the gradient carried from step t+1 to da[:, :, t]
+    at every step. Returns ``{dx, da0, dWax, dWaa, dba}``.
+    """
+    steps, _ = caches
+    T = da.shape[2]
+    steps = steps[:T]
+    p = _rnn_params(steps[0][3])
+    a0 = steps[0][1].T
+    xs = jnp.stack([c[2].T for c in steps])
+    states = jnp.stack([c[0].T for c in steps])
+    dp, dxs, da0 = _driver.backward(RNN_CELL, p, xs, a0, states, (), _time_major(da),
+                                    jnp.zeros_like(a0))
+    return {"dx": _time_major(dxs), "da0": da0.T, "dWax": dp.Wax, "dWaa": dp.Waa,
+            "dba": _col(dp.ba)}
+
+
+# ---------------------------------------------------------------------------- LSTM
+
+
+def lstm_cell_forward(xt, a_prev, c_prev, parameters):
+    """One LSTM step. xt (n_x, m), a_prev and c_prev (n_a, m); keys Wf, bf, Wi, bi,
+    Wc, bc, Wo, bo, Wy, by.
+
+    Returns ``(a_next, c_next, yt_pred, cache)``, cache = ``(a_next, c_next,
+    a_prev, c_prev, ft, it, cct, ot, xt, parameters)``.
+    """
+    a, y, c, caches = _lstm_forward(xt[:, :, None], a_prev, c_prev, parameters)
+    return a[:, :, 0], c[:, :, 0], y[:, :, 0], caches[0][0]
+
+
+def lstm_forward(x, a0, parameters):
+    """The LSTM over x (n_x, m, T_x) from a0 (n_a, m) and c0 = 0.
+
+    Returns ``(a, y, c, caches)``: a and c (n_a, m, T_x), y (n_y, m, T_x), caches =
+    ``(list of the T_x step caches, x)``.
+    """
+    return _lstm_forward(x, a0, jnp.zeros_like(a0), parameters)
+
+
+def _lstm_forward(x, a0, c0, parameters):
+    p = _lstm_params(parameters)
+    xs = _time_major(x)
+    _checks.sequence(xs, p.Wf.shape[1] - p.Wf.shape[0], p.Wf.dtype)
+    _, _, (states, gates) = _driver.forward(LSTM_CELL, p, xs, LSTMState(a0.T, c0.T))
+    a, c = _time_major(states.a), _time_major(states.c)
+    ft, it, cct, ot = (_time_major(g) for g in gates)
+    y = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wy"], a) + parameters["by"][:, :, None])
+    a_prevs = jnp.concatenate([a0[:, :, None], a[:, :, :-1]], axis=2)
+    c_prevs = jnp.concatenate([c0[:, :, None], c[:, :, :-1]], axis=2)
+    caches = [(a[:, :, t], c[:, :, t], a_prevs[:, :, t], c_prevs[:, :, t], ft[:, :, t],
+               it[:, :, t], cct[:, :, t], ot[:, :, t], x[:, :, t], parameters)
+              for t in range(x.shape[2])]
+    return a, y, c, (caches, x)
+
+
+def lstm_cell_backward(da_next, dc_next, cache):
+    """Backward of one LSTM step: da_next, dc_next (n_a, m) are dL/da_next, dL/dc_next.
+
+    Returns ``{dxt, da_prev, dc_prev, dWf, dbf, dWi, dbi, dWc, dbc, dWo, dbo}``.
+    """
+    g = _lstm_backward(da_next[:, :, None], dc_next, [cache])
+    g["dxt"] = g.pop("dx")[:, :, 0]
+    g["da_prev"] = g.pop("da0")
+    g["dc_prev"] = g.pop("dc0")
+    return g
+
+
+def lstm_backward(da, caches):
+    """BPTT for the LSTM: da (n_a, m, T_x) is dL/da<t> for every t (upstream only).
+
+    The reverse scan carries both da_prev (added to da[:, :, t]) and dc_prev from
+    step to step; T_x is read from da. Returns ``{dx, da0, dWf, dbf, dWi, dbi, dWc,
+    dbc, dWo, dbo}`` (the course's keys; the core also gives dc0).
+    """
+    steps, _ = caches
+    g = _lstm_backward(da, jnp.zeros_like(da[:, :, 0]), steps[:da.shape[2]])
+    del g["dc0"]
+    return g
+
+
+def _lstm_backward(da, dc_T, steps):
+    p = _lstm_params(steps[0][9])
+    carry0 = LSTMState(steps[0][2].T, steps[0][3].T)
+    xs = jnp.stack([s[8].T for s in steps])
+    states = LSTMState(jnp.stack([s[0].T for s in steps]), jnp.stack([s[1].T for s in steps]))
+    gates = tuple(jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7))
+    dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, states, gates,
+                                   _time_major(da), LSTMState(jnp.zeros_like(dc_T.T), dc_T.T))
+    g = {"dx": _time_major(dxs), "da0": d0.a.T, "dc0": d0.c.T}
+    for gate in _LSTM_GATES:
+        g["dW" + gate] = getattr(dp, "W" + gate)
+        g["db" + gate] = _col(getattr(dp, "b" + gate))
+    return g

@@ -1,0 +1,115 @@
+"""The output layer y<t> = softmax(Wya a<t> + by) and its cross-entropy, by hand.
+
+With ŷ = softmax(z), z = Wya a + by and L = -Σ m log ŷ[label] (m a per-position
+weight, 1 by default), the gradient with respect to the logits is the familiar
+``ŷ - y`` (y one-hot)::
+
+    dz   = m (ŷ - y)
+    dWya = Σ dz a^T,   dby = Σ dz,   da = Wya^T dz
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbptt import _checks
+
+
+class OutputParams(NamedTuple):
+    """Parameters of the softmax output layer."""
+
+    Wya: jax.Array  # (n_y, n_a)
+    by: jax.Array  # (n_y,)
+
+
+def init_output(key, n_a, n_y, dtype=jnp.float32) -> OutputParams:
+    """Weights uniform in ±1/sqrt(n_a), zero bias."""
+    k = 1.0 / jnp.sqrt(n_a)
+    return OutputParams(jax.random.uniform(key, (n_y, n_a), dtype, -k, k),
+                        jnp.zeros((n_y,), dtype))
+
+
+def _check(params, hs):
+    shape_w, shape_b = tuple(params.Wya.shape), tuple(params.by.shape)
+    if len(shape_w) != 2 or shape_b != shape_w[:1]:
+        raise ValueError(f"OutputParams must be Wya (n_y, n_a) and by (n_y,), got "
+                         f"Wya {shape_w} and by {shape_b}")
+    if hs.ndim < 1 or hs.shape[-1] != shape_w[1]:
+        raise ValueError(f"hs has shape {tuple(hs.shape)} but Wya {shape_w} expects "
+                         f"n_a={shape_w[1]} on the last axis")
+    dtypes = {params.Wya.dtype, params.by.dtype, hs.dtype}
+    if len(dtypes) != 1 or not jnp.issubdtype(hs.dtype, jnp.floating):
+        raise TypeError(f"OutputParams and hs must share one float dtype, got "
+                        f"Wya {params.Wya.dtype}, by {params.by.dtype}, hs {hs.dtype}")
+
+
+def logits(params: OutputParams, hs):
+    """Wya a + by for every position: hs (..., n_a) -> (..., n_y)."""
+    return hs @ params.Wya.T + params.by
+
+
+def predict(params: OutputParams, hs):
+    """ŷ = softmax(Wya a + by): hs (..., n_a) -> probabilities (..., n_y)."""
+    _check(params, hs)
+    return jax.nn.softmax(logits(params, hs), axis=-1)
+
+
+def _nll(params, hs, labels):
+    logp = jax.nn.log_softmax(logits(params, hs), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp
+
+
+@jax.custom_vjp
+def _xent(params, hs, labels, weights):
+    return jnp.sum(weights * _nll(params, hs, labels)[0])
+
+
+def _xent_fwd(params, hs, labels, weights):
+    nll, logp = _nll(params, hs, labels)
+    return jnp.sum(weights * nll), (params, hs, labels, weights, nll, logp)
+
+
+def _xent_bwd(saved, g):
+    params, hs, labels, weights, nll, logp = saved
+    y = jax.nn.one_hot(labels, logp.shape[-1], dtype=logp.dtype)
+    dz = (g * weights)[..., None] * (jnp.exp(logp) - y)  # ŷ - y
+    lead = tuple(range(dz.ndim - 1))
+    grads = OutputParams(Wya=jnp.tensordot(dz, hs, axes=(lead, lead)), by=dz.sum(lead))
+    return grads, dz @ params.Wya, None, g * nll
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="bptt"):
+    """Σ_positions weights * -log softmax(Wya a + by)[label], the course's loss.
+
+    Args:
+      params: an `OutputParams`.
+      hs: hidden states (..., n_a), e.g. (T, B, n_a) from `rnn`/`lstm`/`gru`.
+      labels: integer class indices, shape ``hs.shape[:-1]``.
+      weights: optional per-position weights (e.g. a padding mask), shape
+        ``hs.shape[:-1]``, same dtype as hs; divide by ``weights.sum()`` for a mean.
+      backward: ``"bptt"`` for the hand-written gradient ŷ - y, ``"autodiff"``
+        for JAX's.
+
+    Returns:
+      The summed cross-entropy, a scalar.
+    """
+    _check(params, hs)
+    _checks.backward_mode(backward)
+    labels = jnp.asarray(labels)
+    if labels.shape != hs.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers of shape hs.shape[:-1] = "
+                         f"{tuple(hs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
+    if weights is None:
+        weights = jnp.ones(hs.shape[:-1], hs.dtype)
+    if tuple(weights.shape) != tuple(hs.shape[:-1]) or weights.dtype != hs.dtype:
+        raise ValueError(f"weights must be {hs.dtype} of shape {tuple(hs.shape[:-1])}, "
+                         f"got {weights.dtype} {tuple(weights.shape)}")
+    if backward == "bptt":
+        return _xent(params, hs, labels, weights)
+    return jnp.sum(weights * _nll(params, hs, labels)[0])

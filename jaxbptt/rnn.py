@@ -1,0 +1,104 @@
+"""The tanh RNN cell, its forward and its hand-derived backward.
+
+Forward (course notation, batch-major rows here)::
+
+    a<t> = tanh(Waa a<t-1> + Wax x<t> + ba)
+
+Backward, with da<t> = dL/da<t> (carried from step t+1 plus the output's own)::
+
+    dz<t>    = (1 - a<t>**2) * da<t>          # through tanh
+    da<t-1>  = Waa^T dz<t>
+    dWaa     = sum_t dz<t> a<t-1>^T,  dWax = sum_t dz<t> x<t>^T,  dba = sum_t dz<t>
+    dx<t>    = Wax^T dz<t>
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbptt import _checks, _driver
+
+
+class RNNParams(NamedTuple):
+    """Parameters of the tanh RNN cell."""
+
+    Wax: jax.Array  # (n_a, n_x)
+    Waa: jax.Array  # (n_a, n_a)
+    ba: jax.Array  # (n_a,)
+
+
+_SPEC = {"Wax": ("n_a", "n_x"), "Waa": ("n_a", "n_a"), "ba": ("n_a",)}
+
+
+def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
+    """Weights uniform in ±1/sqrt(n_a) (PyTorch's default), zero bias."""
+    k = 1.0 / jnp.sqrt(n_a)
+    kx, ka = jax.random.split(key)
+    return RNNParams(
+        Wax=jax.random.uniform(kx, (n_a, n_x), dtype, -k, k),
+        Waa=jax.random.uniform(ka, (n_a, n_a), dtype, -k, k),
+        ba=jnp.zeros((n_a,), dtype))
+
+
+class _RNNCell:
+    """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
+
+    @staticmethod
+    def recurrent(p):
+        return p.Waa
+
+    @staticmethod
+    def project(p, xs):
+        return xs @ p.Wax.T + p.ba  # (T, B, n_a): Wax x<t> + ba for all t
+
+    @staticmethod
+    def step(Waa, a_prev, zx_t):
+        return jnp.tanh(zx_t + a_prev @ Waa.T), ()
+
+    @staticmethod
+    def step_bwd(Waa, a_prev, a, res, da_next, dh):
+        del a_prev, res
+        da = da_next + dh  # dL/da<t>: through a<t+1>, and as an output
+        dz = (1 - a**2) * da
+        return dz @ Waa, dz
+
+    @staticmethod
+    def param_grads(p, xs, a_prevs, res, dz):
+        del res
+        grads = RNNParams(
+            Wax=jnp.einsum("tbi,tbj->ij", dz, xs),
+            Waa=jnp.einsum("tbi,tbj->ij", dz, a_prevs),
+            ba=dz.sum((0, 1)))
+        return grads, dz @ p.Wax
+
+    @staticmethod
+    def output(a):
+        return a
+
+
+RNN_CELL = _RNNCell()
+
+
+def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt"):
+    """Runs the tanh RNN over a sequence.
+
+    Args:
+      params: an `RNNParams`.
+      xs: inputs, (T, B, n_x), time-major.
+      a0: initial hidden state (B, n_a); ``None`` for zeros.
+      backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
+        ``"autodiff"`` for JAX's own derivative of the same forward.
+
+    Returns:
+      ``(hs, a_T)``: all hidden states (T, B, n_a) and the last one (B, n_a).
+    """
+    n_a, n_x, dtype = _checks.params(params, _SPEC)
+    _, B = _checks.sequence(xs, n_x, dtype)
+    _checks.backward_mode(backward)
+    if a0 is None:
+        a0 = jnp.zeros((B, n_a), dtype)
+    _checks.state("a0", a0, B, n_a, dtype)
+    return _driver.run(RNN_CELL, params, xs, a0, backward)
