@@ -33,6 +33,11 @@ from jax import lax
 BACKWARDS = ("bptt", "autodiff")
 
 
+def affine(x, W, b):
+    """x W^T + b over the last axis of x (..., n) -> (..., m), without rank promotion."""
+    return x @ W.T + b.reshape((1,) * (x.ndim - 1) + b.shape)
+
+
 def forward(cell, params, xs, carry0, *, keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
 

@@ -100,7 +100,7 @@ def _split_w(p):
 
 
 def _project(p, xs):
-    return xs @ _split_w(p)[3].T + jnp.concatenate([p.bu, p.br, p.bc])  # (T, B, 3 n_a)
+    return _driver.affine(xs, _split_w(p)[3], jnp.concatenate([p.bu, p.br, p.bc]))  # (T, B, 3 n_a)
 
 
 def _grads(p, xs, dz_x, dWh, dbch):
@@ -175,7 +175,7 @@ class _CudnnGRUCell:
         zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
         zhu, zhr, hc = jnp.split(a_prev @ Wh.T, 3, axis=-1)
         gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
-        hc = hc + bch
+        hc = hc + bch[None]
         cc = jnp.tanh(zxc + gr * hc)
         return gu * cc + (1 - gu) * a_prev, (gu, gr, cc, hc)
 

@@ -90,7 +90,7 @@ class _LSTMCell:
     @staticmethod
     def project(p, xs):
         W, b = _fused(p)
-        return xs @ W[:, p.bf.shape[0]:].T + b  # (T, B, 4 n_a)
+        return _driver.affine(xs, W[:, p.bf.shape[0]:], b)  # (T, B, 4 n_a)
 
     @staticmethod
     def step(Wh, s, zx_t):

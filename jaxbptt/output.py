@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbptt import _checks
+from jaxbptt import _checks, _driver
 
 
 class OutputParams(NamedTuple):
@@ -48,7 +48,7 @@ def _check(params, hs):
 
 def logits(params: OutputParams, hs):
     """Wya a + by for every position: hs (..., n_a) -> (..., n_y)."""
-    return hs @ params.Wya.T + params.by
+    return _driver.affine(hs, params.Wya, params.by)
 
 
 def predict(params: OutputParams, hs):

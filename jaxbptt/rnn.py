@@ -52,7 +52,7 @@ class _RNNCell:
 
     @staticmethod
     def project(p, xs):
-        return xs @ p.Wax.T + p.ba  # (T, B, n_a): Wax x<t> + ba for all t
+        return _driver.affine(xs, p.Wax, p.ba)  # (T, B, n_a): Wax x<t> + ba for all t
 
     @staticmethod
     def step(Waa, a_prev, zx_t):

@@ -1,0 +1,75 @@
+"""Random problems for every cell, shared by the tests (not a test module).
+
+Arrays are drawn with NumPy (no JAX compilation), then handed to JAX.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbptt as jb
+
+CELLS = ("rnn", "lstm", "gru-course", "gru-cudnn")
+FN = {"rnn": jb.rnn, "lstm": jb.lstm, "gru-course": jb.gru, "gru-cudnn": jb.gru}
+
+
+def params(cell, n_x, n_a, dtype=np.float64, seed=0):
+    """Random params of every field (biases too), scaled to keep the gates unsaturated."""
+    rng = np.random.default_rng(seed)
+
+    def W(*shape):
+        return jnp.asarray(rng.normal(0, 1 / np.sqrt(shape[-1]), shape).astype(dtype))
+
+    def b():
+        return jnp.asarray(rng.normal(0, 0.5, (n_a,)).astype(dtype))
+
+    if cell == "rnn":
+        return jb.RNNParams(W(n_a, n_x), W(n_a, n_a), b())
+    if cell == "lstm":
+        return jb.LSTMParams(*(f() for _ in range(4) for f in (lambda: W(n_a, n_a + n_x), b)))
+    fields = [f() for _ in range(3) for f in (lambda: W(n_a, n_a + n_x), b)]
+    return jb.GRUParams(*fields, bch=b() if cell == "gru-cudnn" else None)
+
+
+def make(cell, T, B, n_x, n_a, dtype=np.float64, seed=0):
+    """``(fn, params, xs, state0)`` with random params, inputs and initial state."""
+    rng = np.random.default_rng(seed + 1000)
+    xs = jnp.asarray(rng.normal(size=(T, B, n_x)).astype(dtype))
+    a0 = jnp.asarray(0.5 * rng.normal(size=(B, n_a)).astype(dtype))
+    if cell == "lstm":
+        state0 = jb.LSTMState(a0, jnp.asarray(0.5 * rng.normal(size=(B, n_a)).astype(dtype)))
+    else:
+        state0 = a0
+    return FN[cell], params(cell, n_x, n_a, dtype, seed), xs, state0
+
+
+def cotangents(fn, params, xs, state0, seed=1):
+    """Random (dhs, dstate_T) shaped like fn's outputs."""
+    rng = np.random.default_rng(seed)
+    out = jax.eval_shape(fn, params, xs, state0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), out)
+
+
+def loss_fn(fn, params, xs, state0, target="both", backward="bptt", seed=1):
+    """loss(params, xs, state0): random cotangents on hs, the final state, or both."""
+    w, v = cotangents(fn, params, xs, state0, seed)
+
+    def loss(params, xs, state0):
+        hs, state_T = fn(params, xs, state0, backward=backward)
+        on_hs = jnp.sum(hs * w)
+        on_final = sum(jnp.sum(s * c) for s, c in zip(jax.tree.leaves(state_T), jax.tree.leaves(v)))
+        return {"hs": on_hs, "final": on_final, "both": on_hs + on_final}[target]
+
+    return loss
+
+
+def rel_err(a, b):
+    """Normwise relative error max|a - b| / max|b|, worst over the leaf pairs."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape, x.dtype, y.dtype)
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = np.max(np.abs(y))
+        err = np.max(np.abs(x - y))
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst

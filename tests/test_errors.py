@@ -1,0 +1,111 @@
+"""Bad input raises a clear ValueError/TypeError naming the shapes, also under jit."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbptt as jb
+from cells import CELLS, make
+
+
+def _raises(exc, pieces, fn, *args, **kwargs):
+    """fn raises exc, eagerly and under jit, with every piece in the message."""
+    for f in (fn, jax.jit(fn, static_argnames=tuple(kwargs))):
+        with pytest.raises(exc) as info:
+            f(*args, **kwargs)
+        for piece in pieces:
+            assert piece in str(info.value), (piece, str(info.value))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_xs_rank(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    _raises(ValueError, ["rank 3", "(4, 3)"], fn, params, xs[:, 0], state0)
+    _raises(ValueError, ["rank 3", "(4, 2, 3, 1)"], fn, params, xs[..., None], state0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_xs_input_size(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    _raises(ValueError, ["(4, 2, 7)", "n_x=3"], fn, params, jnp.ones((4, 2, 7)), state0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_sequence(cell):
+    fn, params, _, state0 = make(cell, 4, 2, 3, 5)
+    _raises(ValueError, ["at least one time step", "(0, 2, 3)"], fn, params,
+            jnp.ones((0, 2, 3)), state0)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru-course", "gru-cudnn"])
+def test_initial_state_shape(cell):
+    fn, params, xs, _ = make(cell, 4, 2, 3, 5)
+    _raises(ValueError, ["a0", "(3, 5)", "(2, 5)"], fn, params, xs, jnp.zeros((3, 5)))
+    _raises(ValueError, ["a0", "(2, 4)", "(2, 5)"], fn, params, xs, jnp.zeros((2, 4)))
+    _raises(ValueError, ["a0", "(5,)"], fn, params, xs, jnp.zeros((5,)))
+
+
+def test_lstm_state_shape_and_type():
+    fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
+    bad = jb.LSTMState(state0.a, jnp.zeros((2, 6)))
+    _raises(ValueError, ["state0.c", "(2, 6)", "(2, 5)"], fn, params, xs, bad)
+    with pytest.raises(TypeError, match="LSTMState"):
+        fn(params, xs, (state0.a, state0.c))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_params_inconsistent(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    field = params._fields[2]  # a weight (Waa / Wi / Wr) or a bias, read against field 0
+    bad = params._replace(**{field: jnp.zeros(getattr(params, field).shape[:-1] + (9,))})
+    shape = str(tuple(getattr(bad, field).shape))
+    _raises(ValueError, [f"{type(params).__name__}.{field}", shape], fn, bad, xs, state0)
+
+
+def test_params_rank():
+    fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
+    bad = params._replace(bf=params.bf[:, None])
+    _raises(ValueError, ["LSTMParams.bf", "rank 1", "(5, 1)"], fn, bad, xs, state0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_integer_inputs(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    _raises(TypeError, ["xs", "int32"], fn, params, xs.astype(jnp.int32), state0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_mixed_dtypes(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    _raises(TypeError, ["float32", "float64"], fn, params, xs.astype(jnp.float32), state0)
+    p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    _raises(TypeError, ["float32", "float64"], fn, p32, xs, state0)
+    mixed = params._replace(**{params._fields[1]: getattr(params, params._fields[1]).astype(np.float32)})
+    _raises(TypeError, ["mixes dtypes", "float32"], fn, mixed, xs, state0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unknown_backward(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    with pytest.raises(ValueError, match=re.escape("'bptt' or 'autodiff', got 'manual'")):
+        fn(params, xs, state0, backward="manual")
+
+
+def test_gru_variant_mismatch():
+    _, course, xs, a0 = make("gru-course", 4, 2, 3, 5)
+    with pytest.raises(ValueError, match="needs the hidden-side candidate bias bch"):
+        jb.gru(course, xs, a0, variant="cudnn")
+    cudnn = make("gru-cudnn", 4, 2, 3, 5)[1]
+    with pytest.raises(ValueError, match="variant='course'"):
+        jb.gru(cudnn, xs, a0, variant="course")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        jb.gru(cudnn, xs, a0, variant="pytorch")
+
+
+def test_params_not_arrays():
+    _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
+    with pytest.raises(TypeError, match="RNNParams.Wax must be an array"):
+        jb.rnn(params._replace(Wax=[[1.0]]), xs, a0)

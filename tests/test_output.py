@@ -1,0 +1,76 @@
+"""The softmax output layer and its hand-written cross-entropy gradient ŷ - y."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbptt as jb
+from cells import make, rel_err
+
+
+def _problem(T=5, B=3, n_a=4, n_y=6, seed=0):
+    rng = np.random.default_rng(seed)
+    out = jb.OutputParams(jnp.asarray(rng.normal(size=(n_y, n_a))),
+                          jnp.asarray(rng.normal(size=(n_y,))))
+    hs = jnp.asarray(rng.normal(size=(T, B, n_a)))
+    labels = jnp.asarray(rng.integers(0, n_y, size=(T, B)))
+    weights = jnp.asarray(rng.uniform(size=(T, B)))
+    return out, hs, labels, weights
+
+
+def test_predict_is_softmax():
+    out, hs, _, _ = _problem()
+    probs = jb.predict(out, hs)
+    z = np.asarray(hs) @ np.asarray(out.Wya).T + np.asarray(out.by)
+    ref = np.exp(z - z.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs, ref, rtol=1e-13)
+
+
+def test_loss_value_against_numpy():
+    out, hs, labels, weights = _problem()
+    probs = np.asarray(jb.predict(out, hs))
+    ref = -np.sum(np.asarray(weights) * np.log(np.take_along_axis(
+        probs, np.asarray(labels)[..., None], -1)[..., 0]))
+    for backward in ("bptt", "autodiff"):
+        np.testing.assert_allclose(jb.cross_entropy(out, hs, labels, weights, backward=backward),
+                                   ref, rtol=1e-13)
+
+
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_hand_gradient_equals_autodiff(use_weights):
+    out, hs, labels, weights = _problem()
+    w = weights if use_weights else None
+
+    def grads(backward):
+        return jax.jit(jax.grad(lambda o, h, w: 3.0 * jb.cross_entropy(o, h, labels, w, backward=backward),
+                                argnums=(0, 1, 2) if use_weights else (0, 1)))(out, hs, w)
+
+    assert rel_err(grads("bptt"), grads("autodiff")) < 1e-13
+
+
+def test_end_to_end_through_lstm():
+    # Loss on an LSTM's outputs: both halves by hand equal autodiff all the way down.
+    fn, params, xs, state0 = make("lstm", 6, 3, 2, 4)
+    out, _, labels, _ = _problem(T=6, B=3, n_a=4, n_y=5)
+
+    def loss(params, out, backward):
+        hs, _ = fn(params, xs, state0, backward=backward)
+        return jb.cross_entropy(out, hs, labels, backward=backward)
+
+    g_b = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, out, "bptt")
+    g_a = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, out, "autodiff")
+    assert rel_err(g_b, g_a) < 1e-12
+
+
+def test_bad_labels_and_shapes():
+    out, hs, labels, _ = _problem()
+    with pytest.raises(ValueError, match=r"labels must be integers of shape .*\(5, 3\)"):
+        jb.cross_entropy(out, hs, labels[:, :2])
+    with pytest.raises(ValueError, match="labels must be integers"):
+        jb.cross_entropy(out, hs, labels.astype(jnp.float64))
+    with pytest.raises(ValueError, match=r"hs has shape \(5, 3, 3\)"):
+        jb.cross_entropy(out, hs[..., :3], labels)
+    with pytest.raises(TypeError, match="one float dtype"):
+        jb.cross_entropy(out, hs.astype(jnp.float32), labels)
