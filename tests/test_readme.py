@@ -1,0 +1,19 @@
+"""The README's quick example runs as printed and trains."""
+
+import math
+import pathlib
+import re
+
+import jax
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def test_quick_example_trains(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = next(b for b in blocks if "train_step" in b)
+    with jax.enable_x64(False):  # the example is float32, as users run it
+        namespace = {}
+        exec(compile(example, str(README), "exec"), namespace)
+    assert namespace["value"] < math.log(8) - 0.05
+    assert "loss after 100 steps" in capsys.readouterr().out
