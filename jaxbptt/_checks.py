@@ -104,3 +104,38 @@ def state(where, x, B, n_a, dtype):
 def backward_mode(backward):
     if backward not in ("bptt", "autodiff"):
         raise ValueError(f"backward must be 'bptt' or 'autodiff', got {backward!r}")
+
+
+def time_major(xs, is_time_major):
+    """xs as (T, B, n_x); batch-major input (B, T, n_x) is swapped."""
+    if is_time_major:
+        return xs
+    shape, _ = _shape_dtype("xs", xs)
+    if len(shape) != 3:
+        raise ValueError(f"xs must have rank 3 with shape (B, T, n_x) when time_major=False, "
+                         f"got shape {shape}")
+    return jnp.swapaxes(xs, 0, 1)
+
+
+def lengths(x, B):
+    """``None``, or int lengths of shape (B,) (values past T mean T)."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        x = jnp.asarray(x)
+    shape, dtype = _shape_dtype("lengths", x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"lengths must be integers, got {dtype}")
+    if shape != (B,):
+        raise ValueError(f"lengths has shape {shape}, expected (B,) = ({B},) from xs")
+    return x
+
+
+def truncate(k):
+    """``None`` or a positive int (static)."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"truncate must be a positive int (a static number of steps) or "
+                         f"None, got {k!r}")
+    return int(k)

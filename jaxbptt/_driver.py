@@ -15,22 +15,40 @@ A cell is a small static object (see ``rnn.py``, ``lstm.py``, ``gru.py``) supply
     dL/d(state<t-1>) and the pre-activation deltas ``dz_t`` of this step.
 ``param_grads(params, xs, carry_prevs, res, dz) -> (dparams, dxs)``
     weight, bias and input gradients as single matmuls over T*B, after the loop.
-``output(carry) -> a``
-    the hidden state emitted as ``hs[t]``.
+``output(carry) -> a``, ``zero_state(B, n_a, dtype)``, ``check_state(state, B, n_a, dtype)``.
 
-The forward saves the time-stacked states and ``res``; the backward is a reverse
-``lax.scan`` of ``step_bwd``: BPTT, with nothing differentiated automatically.
+The forward saves the time-stacked states and ``res``; the backward is a
+``lax.scan`` of ``step_bwd`` running against time: BPTT, nothing differentiated
+automatically. Three options act on the loop itself, in both directions:
+
+* ``lengths`` (B,): steps t >= lengths[b] leave row b's state unchanged and emit
+  zeros; backwards they pass the state's gradient straight through and emit
+  dz = 0 (padded inputs are zeroed first, so garbage or inf never reaches a sum).
+* ``reverse``: the scan runs from t = T-1 down to 0. With ``lengths`` each row's
+  padding is met first and skipped, so every sequence is reversed within its own
+  length, as PyTorch's backward direction does.
+* ``truncate=k``: the state entering every k-th step of a sequence (counted from
+  its first step) is cut from the gradient: ``stop_gradient`` in the forward, a
+  zeroed dL/d(state) in the hand-derived backward.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-BACKWARDS = ("bptt", "autodiff")
+from jaxbptt import _checks
+
+
+class Options(NamedTuple):
+    """Static options of a run (hashable; part of the custom_vjp's static arguments)."""
+
+    reverse: bool = False
+    truncate: Optional[int] = None
 
 
 def affine(x, W, b):
@@ -38,73 +56,125 @@ def affine(x, W, b):
     return x @ W.T + b.reshape((1,) * (x.ndim - 1) + b.shape)
 
 
-def forward(cell, params, xs, carry0, *, keep_residuals=True):
+def _where(mask, new, old):
+    """Row-wise select over a pytree of (B, ...) arrays: ``new`` where mask (B,) holds."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _masks(t, T, B, lengths, opts):
+    """``(valid, cut)`` at time index t, each (B,) bool or None when not in use."""
+    valid = None if lengths is None else t < lengths
+    if not opts.truncate:
+        return valid, None
+    n = jnp.full((B,), T) if lengths is None else lengths
+    taken = n - 1 - t if opts.reverse else jnp.broadcast_to(t, (B,))  # steps before this one
+    cut = (taken > 0) & (taken % opts.truncate == 0)
+    return valid, cut if valid is None else cut & valid
+
+
+def _valid_all(T, lengths):
+    return jnp.arange(T)[:, None] < lengths[None, :]  # (T, B)
+
+
+def _zero_padding(xs, lengths):
+    if lengths is None:
+        return xs
+    return jnp.where(_valid_all(xs.shape[0], lengths)[..., None], xs, 0)
+
+
+def forward(cell, params, xs, carry0, lengths=None, opts=Options(), *, keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
 
     Returns ``(hs, carry_T, (states, res))``; ``states`` and ``res`` are the
     time-stacked carries and residuals (``None`` when not ``keep_residuals``).
     """
+    T, B = xs.shape[:2]
     rec = cell.recurrent(params)
-    zx = cell.project(params, xs)
+    zx = cell.project(params, _zero_padding(xs, lengths))
 
-    def body(carry, zx_t):
-        carry, res_t = cell.step(rec, carry, zx_t)
-        if keep_residuals:
-            return carry, (carry, res_t)
-        return carry, cell.output(carry)
+    def body(carry, step_in):
+        zx_t, t = step_in
+        valid, cut = _masks(t, T, B, lengths, opts)
+        if cut is not None:
+            carry = _where(cut, lax.stop_gradient(carry), carry)
+        new, res_t = cell.step(rec, carry, zx_t)
+        if valid is not None:
+            new = _where(valid, new, carry)
+        return new, ((new, res_t) if keep_residuals else cell.output(new))
 
-    carry_T, ys = lax.scan(body, carry0, zx)
-    if keep_residuals:
-        states, res = ys
-        return cell.output(states), carry_T, (states, res)
-    return ys, carry_T, None
+    carry_T, ys = lax.scan(body, carry0, (zx, jnp.arange(T)), reverse=opts.reverse)
+    saved = ys if keep_residuals else None
+    hs = cell.output(ys[0]) if keep_residuals else ys
+    if lengths is not None:
+        hs = jnp.where(_valid_all(T, lengths)[..., None], hs, 0)
+    return hs, carry_T, saved
 
 
-def backward(cell, params, xs, carry0, states, res, dhs, dcarry_T):
+def backward(cell, params, xs, carry0, states, res, dhs, dcarry_T, lengths=None, opts=Options()):
     """The BPTT reverse scan: cotangents of (hs, carry_T) -> of (params, xs, carry0)."""
+    T, B = xs.shape[:2]
     rec = cell.recurrent(params)
-    # state<t-1> for every t: carry0, then the states of steps 0 .. T-2.
-    carry_prevs = jax.tree.map(
-        lambda c0, s: jnp.concatenate([c0[None], s[:-1]]), carry0, states)
+    # The state each step started from: carry0, then the states of the steps before it.
+    shift = ((lambda c0, s: jnp.concatenate([s[1:], c0[None]])) if opts.reverse else
+             (lambda c0, s: jnp.concatenate([c0[None], s[:-1]])))
+    carry_prevs = jax.tree.map(shift, carry0, states)
 
     def body(dcarry, step_in):
-        carry_prev, carry, res_t, dh_t = step_in
-        return cell.step_bwd(rec, carry_prev, carry, res_t, dcarry, dh_t)
+        carry_prev, carry, res_t, dh_t, t = step_in
+        valid, cut = _masks(t, T, B, lengths, opts)
+        dprev, dz = cell.step_bwd(rec, carry_prev, carry, res_t, dcarry, dh_t)
+        if valid is not None:  # a padded step is the identity on the state
+            dprev = _where(valid, dprev, dcarry)
+            dz = _where(valid, dz, jax.tree.map(jnp.zeros_like, dz))
+        if cut is not None:  # the state entering this step was cut from the gradient
+            dprev = _where(cut, jax.tree.map(jnp.zeros_like, dprev), dprev)
+        return dprev, dz
 
-    dcarry0, dz = lax.scan(
-        body, dcarry_T, (carry_prevs, states, res, dhs), reverse=True)
-    dparams, dxs = cell.param_grads(params, xs, carry_prevs, res, dz)
+    dcarry0, dz = lax.scan(body, dcarry_T, (carry_prevs, states, res, dhs, jnp.arange(T)),
+                           reverse=not opts.reverse)
+    dparams, dxs = cell.param_grads(params, _zero_padding(xs, lengths), carry_prevs, res, dz)
     return dparams, dxs, dcarry0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bptt(cell, params, xs, carry0):
-    hs, carry_T, _ = forward(cell, params, xs, carry0, keep_residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bptt(cell, opts, params, xs, carry0, lengths):
+    hs, carry_T, _ = forward(cell, params, xs, carry0, lengths, opts, keep_residuals=False)
     return hs, carry_T
 
 
-def _bptt_fwd(cell, params, xs, carry0):
-    hs, carry_T, (states, res) = forward(cell, params, xs, carry0)
-    return (hs, carry_T), (params, xs, carry0, states, res)
+def _bptt_fwd(cell, opts, params, xs, carry0, lengths):
+    hs, carry_T, (states, res) = forward(cell, params, xs, carry0, lengths, opts)
+    return (hs, carry_T), (params, xs, carry0, lengths, states, res)
 
 
-def _bptt_bwd(cell, saved, cotangents):
+def _bptt_bwd(cell, opts, saved, cotangents):
+    params, xs, carry0, lengths, states, res = saved
     dhs, dcarry_T = cotangents
-    return backward(cell, *saved, dhs, dcarry_T)
+    grads = backward(cell, params, xs, carry0, states, res, dhs, dcarry_T, lengths, opts)
+    return (*grads, None)  # lengths are integers: no cotangent
 
 
 _bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
 
-def run(cell, params, xs, carry0, backward):
-    """``(hs, carry_T)`` of ``cell`` over ``xs``, differentiated as ``backward`` says.
+def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse, truncate,
+        time_major):
+    """Validates the call and runs ``cell``; returns ``(hs, state_T)``.
 
     ``backward="bptt"``: the custom_vjp above (hand-derived reverse scan);
     ``backward="autodiff"``: the same forward, differentiated by JAX.
     """
+    _checks.backward_mode(backward)
+    xs = _checks.time_major(xs, time_major)
+    _, B = _checks.sequence(xs, n_x, dtype)
+    if state0 is None:
+        state0 = cell.zero_state(B, n_a, dtype)
+    cell.check_state(state0, B, n_a, dtype)
+    lengths = _checks.lengths(lengths, B)
+    opts = Options(bool(reverse), _checks.truncate(truncate))
     if backward == "bptt":
-        return _bptt(cell, params, xs, carry0)
-    if backward == "autodiff":
-        hs, carry_T, _ = forward(cell, params, xs, carry0, keep_residuals=False)
-        return hs, carry_T
-    raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        hs, state_T = _bptt(cell, opts, params, xs, state0, lengths)
+    else:
+        hs, state_T, _ = forward(cell, params, xs, state0, lengths, opts, keep_residuals=False)
+    return (hs if time_major else jnp.swapaxes(hs, 0, 1)), state_T

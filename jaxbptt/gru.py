@@ -112,6 +112,18 @@ def _grads(p, xs, dz_x, dWh, dbch):
     return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dbch), dz_x @ Wx
 
 
+def _output(a):
+    return a
+
+
+def _zero_state(B, n_a, dtype):
+    return jnp.zeros((B, n_a), dtype)
+
+
+def _check_state(a0, B, n_a, dtype):
+    _checks.state("a0", a0, B, n_a, dtype)
+
+
 class _CourseGRUCell:
     """Course / Cho et al. GRU: residuals (Γu, Γr, c̃)."""
 
@@ -154,9 +166,9 @@ class _CourseGRUCell:
                jnp.einsum("tbg,tbj->gj", dzc, gr * a_prevs))
         return _grads(p, xs, dz, dWh, None)
 
-    @staticmethod
-    def output(a):
-        return a
+    output = staticmethod(_output)
+    zero_state = staticmethod(_zero_state)
+    check_state = staticmethod(_check_state)
 
 
 class _CudnnGRUCell:
@@ -201,9 +213,9 @@ class _CudnnGRUCell:
         dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)
         return _grads(p, xs, dz_x, dWh, dzh[..., 2 * n_a:].sum((0, 1)))
 
-    @staticmethod
-    def output(a):
-        return a
+    output = staticmethod(_output)
+    zero_state = staticmethod(_zero_state)
+    check_state = staticmethod(_check_state)
 
 
 GRU_CELLS = {"course": _CourseGRUCell(), "cudnn": _CudnnGRUCell()}
@@ -225,26 +237,30 @@ def gru_variant(params: GRUParams, variant=None) -> str:
     return variant
 
 
-def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None):
+def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
+        lengths=None, reverse: bool = False, truncate=None, time_major: bool = True):
     """Runs the GRU over a sequence.
 
     Args:
       params: a `GRUParams`.
-      xs: inputs, (T, B, n_x), time-major.
+      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``).
       a0: initial hidden state (B, n_a); ``None`` for zeros.
       backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
         ``"autodiff"`` for JAX's own derivative of the same forward.
       variant: ``"course"`` or ``"cudnn"`` (see the module docstring); ``None``
         reads it from the params (``params.bch is None`` for ``"course"``).
+      lengths: optional int (B,): right-padded batch, PyTorch packed-sequence
+        semantics (outputs past a length are zero, ``a_T`` is the state at the
+        last valid step, padding gets no gradient).
+      reverse: run from the last step to the first (within each length).
+      truncate: cut the gradient through the state every ``truncate`` steps.
+      time_major: ``False`` for batch-major xs and hs.
 
     Returns:
-      ``(hs, a_T)``: all hidden states (T, B, n_a) and the last one (B, n_a).
+      ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
     """
     variant = gru_variant(params, variant)
     n_a, n_x, dtype = _checks.params(params, _spec(variant))
-    _, B = _checks.sequence(xs, n_x, dtype)
-    _checks.backward_mode(backward)
-    if a0 is None:
-        a0 = jnp.zeros((B, n_a), dtype)
-    _checks.state("a0", a0, B, n_a, dtype)
-    return _driver.run(GRU_CELLS[variant], params, xs, a0, backward)
+    return _driver.run(GRU_CELLS[variant], params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
+                       backward=backward, lengths=lengths, reverse=reverse,
+                       truncate=truncate, time_major=time_major)

@@ -130,32 +130,44 @@ class _LSTMCell:
     def output(s):
         return s.a
 
+    @staticmethod
+    def zero_state(B, n_a, dtype):
+        return LSTMState(jnp.zeros((B, n_a), dtype), jnp.zeros((B, n_a), dtype))
+
+    @staticmethod
+    def check_state(state0, B, n_a, dtype):
+        if not isinstance(state0, LSTMState):
+            raise TypeError(f"state0 must be an LSTMState(a, c) or None, got "
+                            f"{type(state0).__name__}")
+        _checks.state("state0.a", state0.a, B, n_a, dtype)
+        _checks.state("state0.c", state0.c, B, n_a, dtype)
+
 
 LSTM_CELL = _LSTMCell()
 
 
-def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt"):
+def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths=None,
+         reverse: bool = False, truncate=None, time_major: bool = True):
     """Runs the LSTM over a sequence.
 
     Args:
       params: an `LSTMParams`.
-      xs: inputs, (T, B, n_x), time-major.
+      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``).
       state0: initial `LSTMState` (a0, c0), each (B, n_a); ``None`` for zeros.
       backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
         ``"autodiff"`` for JAX's own derivative of the same forward.
+      lengths: optional int (B,): right-padded batch, PyTorch packed-sequence
+        semantics (outputs past a length are zero, the final state is the state
+        at the last valid step, padding gets no gradient).
+      reverse: run from the last step to the first (within each length).
+      truncate: cut the gradient through the state every ``truncate`` steps.
+      time_major: ``False`` for batch-major xs and hs.
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
       `LSTMState`. Gradients flow to params, xs, a0 and c0.
     """
     n_a, n_x, dtype = _checks.params(params, _SPEC)
-    _, B = _checks.sequence(xs, n_x, dtype)
-    _checks.backward_mode(backward)
-    if state0 is None:
-        state0 = LSTMState(jnp.zeros((B, n_a), dtype), jnp.zeros((B, n_a), dtype))
-    if not isinstance(state0, LSTMState):
-        raise TypeError(f"state0 must be an LSTMState(a, c) or None, got "
-                        f"{type(state0).__name__}")
-    _checks.state("state0.a", state0.a, B, n_a, dtype)
-    _checks.state("state0.c", state0.c, B, n_a, dtype)
-    return _driver.run(LSTM_CELL, params, xs, state0, backward)
+    return _driver.run(LSTM_CELL, params, xs, state0, n_x=n_x, n_a=n_a, dtype=dtype,
+                       backward=backward, lengths=lengths, reverse=reverse,
+                       truncate=truncate, time_major=time_major)

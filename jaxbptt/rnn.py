@@ -78,27 +78,39 @@ class _RNNCell:
     def output(a):
         return a
 
+    @staticmethod
+    def zero_state(B, n_a, dtype):
+        return jnp.zeros((B, n_a), dtype)
+
+    @staticmethod
+    def check_state(a0, B, n_a, dtype):
+        _checks.state("a0", a0, B, n_a, dtype)
+
 
 RNN_CELL = _RNNCell()
 
 
-def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt"):
+def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
+        reverse: bool = False, truncate=None, time_major: bool = True):
     """Runs the tanh RNN over a sequence.
 
     Args:
       params: an `RNNParams`.
-      xs: inputs, (T, B, n_x), time-major.
+      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``).
       a0: initial hidden state (B, n_a); ``None`` for zeros.
       backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
         ``"autodiff"`` for JAX's own derivative of the same forward.
+      lengths: optional int (B,): right-padded batch, PyTorch packed-sequence
+        semantics (outputs past a length are zero, ``a_T`` is the state at the
+        last valid step, padding gets no gradient).
+      reverse: run from the last step to the first (within each length).
+      truncate: cut the gradient through the state every ``truncate`` steps.
+      time_major: ``False`` for batch-major xs and hs.
 
     Returns:
-      ``(hs, a_T)``: all hidden states (T, B, n_a) and the last one (B, n_a).
+      ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
     """
     n_a, n_x, dtype = _checks.params(params, _SPEC)
-    _, B = _checks.sequence(xs, n_x, dtype)
-    _checks.backward_mode(backward)
-    if a0 is None:
-        a0 = jnp.zeros((B, n_a), dtype)
-    _checks.state("a0", a0, B, n_a, dtype)
-    return _driver.run(RNN_CELL, params, xs, a0, backward)
+    return _driver.run(RNN_CELL, params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
+                       backward=backward, lengths=lengths, reverse=reverse,
+                       truncate=truncate, time_major=time_major)
