@@ -14,5 +14,9 @@ from jaxbptt.output import predict as predict
 from jaxbptt.rnn import RNNParams as RNNParams
 from jaxbptt.rnn import init_rnn as init_rnn
 from jaxbptt.rnn import rnn as rnn
+from jaxbptt.stack import Bidirectional as Bidirectional
+from jaxbptt.stack import detach as detach
+from jaxbptt.stack import split_stream as split_stream
+from jaxbptt.stack import stack as stack
 
 __version__ = "0.1.0"
