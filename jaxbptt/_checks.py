@@ -139,3 +139,13 @@ def truncate(k):
         raise ValueError(f"truncate must be a positive int (a static number of steps) or "
                          f"None, got {k!r}")
     return int(k)
+
+
+def probe(p, state0, T):
+    """A probe is shaped like the states stacked over time: (T,) + each state's shape."""
+    import jax
+
+    want = jax.tree.map(lambda s: (T,) + tuple(s.shape), state0)
+    got = jax.tree.map(lambda x: tuple(x.shape), p)
+    if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:
+        raise ValueError(f"probe must be shaped like the states over time, {want}, got {got}")

@@ -116,6 +116,10 @@ def _output(a):
     return a
 
 
+def _add_output(da, dh):
+    return da + dh
+
+
 def _zero_state(B, n_a, dtype):
     return jnp.zeros((B, n_a), dtype)
 
@@ -167,6 +171,7 @@ class _CourseGRUCell:
         return _grads(p, xs, dz, dWh, None)
 
     output = staticmethod(_output)
+    add_output = staticmethod(_add_output)
     zero_state = staticmethod(_zero_state)
     check_state = staticmethod(_check_state)
 
@@ -214,6 +219,7 @@ class _CudnnGRUCell:
         return _grads(p, xs, dz_x, dWh, dzh[..., 2 * n_a:].sum((0, 1)))
 
     output = staticmethod(_output)
+    add_output = staticmethod(_add_output)
     zero_state = staticmethod(_zero_state)
     check_state = staticmethod(_check_state)
 
@@ -238,7 +244,8 @@ def gru_variant(params: GRUParams, variant=None) -> str:
 
 
 def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
-        lengths=None, reverse: bool = False, truncate=None, time_major: bool = True):
+        lengths=None, reverse: bool = False, truncate=None, time_major: bool = True,
+        probe=None):
     """Runs the GRU over a sequence.
 
     Args:
@@ -255,6 +262,9 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
       reverse: run from the last step to the first (within each length).
       truncate: cut the gradient through the state every ``truncate`` steps.
       time_major: ``False`` for batch-major xs and hs.
+      probe: optional zeros shaped like the states over time (T, B, n_a),
+        added to the state after every step; its gradient is dL/d(state<t>) for
+        every t (see `jaxbptt.gradflow`).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -263,4 +273,4 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
     n_a, n_x, dtype = _checks.params(params, _spec(variant))
     return _driver.run(GRU_CELLS[variant], params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major)
+                       truncate=truncate, time_major=time_major, probe=probe)

@@ -131,6 +131,10 @@ class _LSTMCell:
         return s.a
 
     @staticmethod
+    def add_output(ds, dh):
+        return ds._replace(a=ds.a + dh)
+
+    @staticmethod
     def zero_state(B, n_a, dtype):
         return LSTMState(jnp.zeros((B, n_a), dtype), jnp.zeros((B, n_a), dtype))
 
@@ -147,7 +151,8 @@ LSTM_CELL = _LSTMCell()
 
 
 def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths=None,
-         reverse: bool = False, truncate=None, time_major: bool = True):
+         reverse: bool = False, truncate=None, time_major: bool = True,
+         probe=None):
     """Runs the LSTM over a sequence.
 
     Args:
@@ -162,6 +167,9 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
       reverse: run from the last step to the first (within each length).
       truncate: cut the gradient through the state every ``truncate`` steps.
       time_major: ``False`` for batch-major xs and hs.
+      probe: optional zeros shaped like the states over time, an `LSTMState` of two
+        (T, B, n_a) arrays, added to the state after every step; its gradient is dL/d(state<t>) for
+        every t (see `jaxbptt.gradflow`).
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
@@ -170,4 +178,4 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(LSTM_CELL, params, xs, state0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major)
+                       truncate=truncate, time_major=time_major, probe=probe)

@@ -79,6 +79,10 @@ class _RNNCell:
         return a
 
     @staticmethod
+    def add_output(da, dh):
+        return da + dh
+
+    @staticmethod
     def zero_state(B, n_a, dtype):
         return jnp.zeros((B, n_a), dtype)
 
@@ -91,7 +95,8 @@ RNN_CELL = _RNNCell()
 
 
 def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
-        reverse: bool = False, truncate=None, time_major: bool = True):
+        reverse: bool = False, truncate=None, time_major: bool = True,
+        probe=None):
     """Runs the tanh RNN over a sequence.
 
     Args:
@@ -106,6 +111,9 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
       reverse: run from the last step to the first (within each length).
       truncate: cut the gradient through the state every ``truncate`` steps.
       time_major: ``False`` for batch-major xs and hs.
+      probe: optional zeros shaped like the states over time (T, B, n_a),
+        added to the state after every step; its gradient is dL/d(state<t>) for
+        every t (see `jaxbptt.gradflow`).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -113,4 +121,4 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(RNN_CELL, params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major)
+                       truncate=truncate, time_major=time_major, probe=probe)
