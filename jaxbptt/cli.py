@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 
 
@@ -59,26 +61,221 @@ def _table(results, verbose) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from jaxbptt import check
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr, exit status 2."""
 
-    parser = argparse.ArgumentParser(
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _writable_dir(parser, path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        parser.error(f"--out {path} is not a writable directory: {e.strerror or e}")
+    return path
+
+
+def _train(args) -> int:
+    from jaxbptt import checkpoint, tasks, train
+
+    if args.task == "charlm":
+        try:
+            tasks.names_corpus()
+        except RuntimeError as e:
+            args.parser.error(str(e))
+    out = _writable_dir(args.parser, args.out or os.path.join("runs", f"{args.task}-{args.cell}"))
+    config = train.Config(
+        task=args.task, cell=args.cell, hidden=args.hidden, T=args.T, steps=args.steps,
+        batch=args.batch, optimizer=args.optimizer, lr=args.lr, clip=args.clip,
+        clip_value=args.clip_value, backward=args.backward, seed=args.seed,
+        save_every=args.save_every, sample_every=args.sample_every)
+    try:
+        summary = train.train(config, out, progress=not args.quiet)
+    except checkpoint.CheckpointError as e:
+        args.parser.error(str(e))
+    ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
+    if summary.get("samples"):
+        print("sampled names: " + ", ".join(summary["samples"]))
+    if summary["resumed_from"] >= config.steps:
+        print(f"{out} already holds {summary['resumed_from']} steps of this run (asked "
+              f"{config.steps}); nothing to do. Pass a larger --steps to train further.")
+        return 0
+    unit = "MSE" if config.task == "adding" else "nats/symbol"
+    print(f"trained {config.task} {config.cell.upper()} ({config.backward}) steps "
+          f"{summary['resumed_from']}->{config.steps}: loss {summary['first_loss']:.4f} -> "
+          f"{summary['final_loss']:.4f} {unit} (baseline {summary['baseline']:.4f}) in "
+          f"{summary['seconds']:.1f} s; checkpoint {ckpts[-1]}"
+          + (f"; plot {summary['plot']}" if summary["plot"] else
+             "; no plot (pip install 'jaxbptt[experiments]' for matplotlib)"))
+    return 0
+
+
+def _sample(args) -> int:
+    import json
+
+    import jax
+
+    from jaxbptt import checkpoint, tasks, train
+
+    ckpts = checkpoint.list_checkpoints(os.path.join(args.out, "checkpoints"))
+    if not ckpts:
+        args.parser.error(f"no checkpoint in {args.out}/checkpoints: train one with "
+                          f"'jaxbptt train charlm --out {args.out}'")
+    with open(os.path.join(ckpts[-1], "manifest.json")) as f:
+        saved = json.load(f)["meta"]["config"]
+    config = train.Config(**saved)
+    if config.task != "charlm":
+        args.parser.error(f"sample needs a charlm run; {args.out} holds a {config.task} run")
+    found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"),
+                                      train.init(config, tasks.get("charlm")))
+    if found is None:
+        args.parser.error(f"no readable checkpoint in {args.out}/checkpoints")
+    (params, _), manifest = found
+    names = train.sample_names(config, params, jax.random.PRNGKey(args.seed), n=args.n,
+                               max_len=args.max_len)
+    print("\n".join(names))
+    print(f"{len(names)} names sampled from {config.cell.upper()} at step {manifest['step']} "
+          f"({args.out})", file=sys.stderr)
+    return 0
+
+
+def _gradflow(args) -> int:
+    import json
+
+    from jaxbptt import gradflow
+
+    out = _writable_dir(args.parser, args.out)
+    start = time.perf_counter()
+    print(f"gradient flow at initialisation, T={args.T} ...", file=sys.stderr, flush=True)
+    init = gradflow.at_init(T=args.T, seed=args.seed, backward=args.backward)
+    maps = {}
+    for cell in ("rnn", "lstm", "gru") if args.steps else ():
+        print(f"training {cell} on adding (T={args.train_T}) for {args.steps} steps ...",
+              file=sys.stderr, flush=True)
+        maps[cell] = gradflow.during_training(cell, T=args.train_T, steps=args.steps,
+                                              every=max(1, args.steps // 12), seed=args.seed,
+                                              backward=args.backward)
+    result = {"T": args.T, "backward": args.backward,
+              "at_init": {k: {kk: vv.tolist() for kk, vv in v.items()} for k, v in init.items()},
+              "training": {c: {"steps": s.tolist(), "norms": n.tolist(), "loss": l.tolist()}
+                           for c, (s, n, l) in maps.items()}}
+    files = [os.path.join(out, "gradflow.json")]
+    with open(files[0], "w") as f:
+        json.dump(result, f)
+    try:
+        files.append(gradflow.plot_at_init(init, os.path.join(out, "gradflow_init.png"), args.T))
+        if maps:
+            files.append(gradflow.plot_training(maps, os.path.join(out, "gradflow_training.png"),
+                                                args.train_T))
+    except ImportError:
+        print("no plots: pip install 'jaxbptt[experiments]' for matplotlib", file=sys.stderr)
+    print(f"{'cell / init':<30} " + " ".join(f"lag {lag:>3}" for lag in (0, 10, 50, args.T - 1)))
+    for name, r in init.items():
+        a = r["a"][::-1]
+        print(f"{name:<30} " + " ".join(f"{a[lag]:.1e}".rjust(7) for lag in (0, 10, 50, args.T - 1)))
+    print(f"gradflow: mean ||dL_T/da<t>|| for {len(init)} initialisations"
+          + (f" and {len(maps)} trained cells" if maps else "")
+          + f" in {time.perf_counter() - start:.1f} s; wrote {', '.join(files)}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from jaxbptt import check, tasks
+
+    parser = _Parser(
         prog="jaxbptt",
         description="Backpropagation through time with hand-derived gradients, in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
         "check", help="compare the hand-derived BPTT with jax.grad on every cell and backend",
         description="For every cell and variant, on every JAX backend present, compare the "
         "hand-derived BPTT gradients with jax.grad of the autodiff path under jit, in float64 "
-        "(where supported) and float32. Exits 1 on a mismatch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(where supported) and float32. Exits 1 on a mismatch.", formatter_class=fmt)
     p.add_argument("--cell", action="append", choices=sorted({c for c, _ in check.CELLS}),
                    help="check only this cell (repeatable; default: every cell)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the test problems")
     p.add_argument("--verbose", action="store_true", help="also list every gradient's error")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(run=_check)
+    p.set_defaults(run=_check, parser=p)
+
+    p = sub.add_parser(
+        "train", help="train a recurrent model on a task (resumes a run in --out)",
+        description="Train on a task with a jit-compiled optax step. Checkpoints go to "
+        "OUT/checkpoints every --save-every steps and at the end; pointing --out at an "
+        "existing run resumes it from its last good checkpoint. Writes OUT/history.json and "
+        "OUT/loss.png.", formatter_class=fmt)
+    p.add_argument("task", choices=tasks.TASKS, help="charlm: names, character by character "
+                   "(the course's Dinosaurus model); adding; copy (copy-memory)")
+    p.add_argument("--steps", type=_positive_int, default=2000, help="total training steps")
+    p.add_argument("--out", help="run directory (default: runs/TASK-CELL)")
+    p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="rnn")
+    p.add_argument("--hidden", type=_positive_int, default=50, help="hidden size n_a")
+    p.add_argument("--batch", type=_positive_int, default=32, help="sequences per step")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
+    p.add_argument("--clip", choices=("value", "norm", "none"), default="value",
+                   help="gradient clipping: element-wise (the course), global norm, or none")
+    p.add_argument("--clip-value", type=_positive_float, default=5.0)
+    p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
+                   help="hand-derived BPTT or jax autodiff of the same forward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--T", type=int, default=0,
+                   help="sequence length of adding / delay of copy (0: task default 50 / 20)")
+    p.add_argument("--save-every", type=_positive_int, default=500)
+    p.add_argument("--sample-every", type=int, default=500,
+                   help="print sampled names every N steps (charlm; 0: never)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train, parser=p)
+
+    p = sub.add_parser("sample", help="sample names from a charlm run",
+                       description="Sample names, character by character, from the last "
+                       "checkpoint of a 'jaxbptt train charlm' run.", formatter_class=fmt)
+    p.add_argument("--out", required=True, help="the run directory of 'jaxbptt train charlm'")
+    p.add_argument("--n", type=_positive_int, default=10, help="how many names")
+    p.add_argument("--max-len", type=_positive_int, default=20, help="longest name")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_sample, parser=p)
+
+    p = sub.add_parser(
+        "gradflow", help="plot ||dL_T/da<t>|| against T - t at init and during training",
+        description="Measure the per-step adjoints dL_T/da<t> (from the reverse scan, via the "
+        "probe) for RNN (Gaussian vs orthogonal init), LSTM (forget bias 0 vs 1) and GRU at "
+        "initialisation, and while training each cell on the adding task. Writes "
+        "OUT/gradflow_init.png, OUT/gradflow_training.png and OUT/gradflow.json.",
+        formatter_class=fmt)
+    p.add_argument("--T", type=_positive_int, default=100, help="sequence length at init")
+    p.add_argument("--steps", type=int, default=240,
+                   help="training steps for the heat map (0: skip training)")
+    p.add_argument("--train-T", type=_positive_int, default=50, help="adding-task length")
+    p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("runs", "gradflow"), help="output directory")
+    p.set_defaults(run=_gradflow, parser=p)
     return parser
 
 

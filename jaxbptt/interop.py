@@ -196,9 +196,12 @@ def _check_layers(layers, mode, L, D, n_x, n_a):
     """Checks ``layers`` against the module's architecture; clear errors naming the field."""
     kind = _TORCH_KINDS[mode]
     torch_name = _TORCH_NAMES[mode]
-    if not isinstance(layers, (tuple, list)):
+    if (not isinstance(layers, (tuple, list))
+            or isinstance(layers, (RNNParams, LSTMParams, GRUParams, Bidirectional))):
         raise TypeError(f"to_torch: layers must be a tuple with one entry per layer (as "
-                        f"from_torch returns), got {type(layers).__name__}")
+                        f"from_torch returns), got {type(layers).__name__}"
+                        + (" (wrap a single layer as (params,))"
+                           if isinstance(layers, tuple) else ""))
     if len(layers) != L:
         raise ValueError(f"to_torch: {len(layers)} layers but the {torch_name} has "
                          f"num_layers={L}")

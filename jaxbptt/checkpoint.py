@@ -1,0 +1,133 @@
+"""Atomic, pickle-free checkpoints: one ``.npz`` of arrays plus a JSON manifest.
+
+A checkpoint is a directory ``ckpt-<step>``, written under a temporary name and
+renamed into place (atomic on POSIX), after ``fsync``: a crash mid-save leaves a
+stray temporary directory, never a checkpoint that loads wrong. The manifest
+records the SHA-256 of the arrays file, the array shapes and dtypes, and the
+caller's metadata (step, config, RNG key, data position, loss history...).
+Restoring needs a template pytree (a freshly initialised state of the same
+model): arrays are checked against it, so a checkpoint of another model is
+refused with a clear error instead of being loaded wrong. A corrupted or
+truncated checkpoint is skipped with a warning, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import jax
+import numpy as np
+
+PREFIX = "ckpt-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be restored into the requested model."""
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
+    """Writes ``tree`` (a pytree of arrays) and ``meta`` (JSON-able) as ``ckpt-<step>``.
+
+    Keeps the newest ``keep`` checkpoints. Returns the checkpoint's path.
+    """
+    os.makedirs(directory, exist_ok=True)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+    try:
+        arrays = os.path.join(tmp, "arrays.npz")
+        with open(arrays, "wb") as f:
+            np.savez(f, **{f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "step": int(step),
+            "sha256": _sha256(arrays),
+            "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
+            "meta": meta,
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        final = os.path.join(directory, f"{PREFIX}{step:09d}")
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory):
+    """Checkpoint directories, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(n for n in os.listdir(directory)
+                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+    return [os.path.join(directory, n) for n in names]
+
+
+def _read(path, template, validate):
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    if validate is not None:
+        validate(manifest["meta"])
+    arrays = os.path.join(path, "arrays.npz")
+    if _sha256(arrays) != manifest["sha256"]:
+        raise OSError("arrays.npz does not match the checksum in manifest.json")
+    with np.load(arrays, allow_pickle=False) as data:
+        leaves = [data[f"leaf_{i:05d}"] for i in range(len(manifest["leaves"]))]
+    for x, (shape, dtype) in zip(leaves, manifest["leaves"]):
+        if list(x.shape) != shape or str(x.dtype) != dtype:
+            raise OSError("an array does not match the manifest")
+    want = jax.tree.leaves(template)
+    if len(want) != len(leaves) or any(
+            tuple(np.shape(w)) != x.shape or np.dtype(w.dtype) != x.dtype
+            for w, x in zip(want, leaves)):
+        raise CheckpointError(
+            f"{path} holds {len(leaves)} arrays that do not fit this model's "
+            f"{len(want)}: it was written by another model or configuration")
+    return jax.tree.unflatten(jax.tree.structure(template), leaves), manifest
+
+
+def restore_latest(directory, template, validate=None):
+    """``(tree, manifest)`` of the newest checkpoint that loads, or ``None`` if none.
+
+    Unreadable checkpoints (truncated, corrupted) are skipped with a warning;
+    one written for another model raises `CheckpointError`, as does
+    ``validate(meta)`` (called on each manifest's metadata) when it objects.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return _read(path, template, validate)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError) as e:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+    return None

@@ -1,0 +1,246 @@
+"""Training recurrent models on the tasks: a jit-compiled optax step, checkpoints, resume.
+
+``train(config, out)`` runs ``config.steps`` steps, saving a checkpoint every
+``config.save_every`` steps and at the end (`jaxbptt.checkpoint`); pointed at a
+directory holding a run, it resumes from the last good checkpoint, and ends with
+the same parameters as a run that was never interrupted (batches are drawn from
+``(seed, step)``, the step is deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbptt import checkpoint, tasks
+from jaxbptt._driver import affine
+from jaxbptt.gru import gru, init_gru
+from jaxbptt.lstm import init_lstm, lstm
+from jaxbptt.output import cross_entropy, init_output, logits
+from jaxbptt.rnn import init_rnn, rnn
+
+CELLS = {"rnn": (rnn, init_rnn), "lstm": (lstm, init_lstm), "gru": (gru, init_gru)}
+# Fields that may change when a run is resumed; every other one defines the run.
+RESUMABLE = ("steps", "save_every", "sample_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What defines a training run (saved in every checkpoint)."""
+
+    task: str = "charlm"
+    cell: str = "rnn"  # rnn | lstm | gru (the course's GRU)
+    hidden: int = 50
+    T: int = 0  # length of "adding", delay of "copy" (0: the task's default)
+    steps: int = 2000
+    batch: int = 32
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 0.01
+    clip: str = "value"  # value: element-wise at clip_value (the course) | norm: global | none
+    clip_value: float = 5.0
+    backward: str = "bptt"  # bptt | autodiff
+    seed: int = 0
+    save_every: int = 500
+    sample_every: int = 500
+
+
+def optimizer(config: Config):
+    clip = {"value": optax.clip(config.clip_value),
+            "norm": optax.clip_by_global_norm(config.clip_value),
+            "none": optax.identity()}[config.clip]
+    opt = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](config.lr)
+    return optax.chain(clip, opt)
+
+
+def init(config: Config, task):
+    """Fresh ``(params, opt_state)``: {"cell": cell params, "out": OutputParams}."""
+    k_cell, k_out = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = {"cell": CELLS[config.cell][1](k_cell, task.n_in, config.hidden),
+              "out": init_output(k_out, config.hidden, task.n_out)}
+    return params, optimizer(config).init(params)
+
+
+def loss_fn(config: Config, task, params, batch, probe=None):
+    """Mean loss per weighted position (nats per symbol, or MSE for "regress").
+
+    ``probe`` (zeros shaped like the states over time) exposes dL/d(state<t>) as its
+    gradient (see `jaxbptt.gradflow`).
+    """
+    fn = CELLS[config.cell][0]
+    hs, _ = fn(params["cell"], batch.xs, lengths=batch.lengths, backward=config.backward,
+               probe=probe)
+    if task.kind == "regress":
+        pred = affine(hs[-1], params["out"].Wya, params["out"].by)[:, 0]
+        return jnp.mean((pred - batch.targets) ** 2)
+    total = cross_entropy(params["out"], hs, batch.targets, batch.weights,
+                          backward=config.backward)
+    return total / jnp.sum(batch.weights)
+
+
+def make_step(config: Config, task):
+    opt = optimizer(config)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(config, task, p, batch))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def sample_names(config: Config, params, key, n=8, max_len=20):
+    """Names sampled character by character from a charlm model (stateful sampling)."""
+    fn = CELLS[config.cell][0]
+    vocab = len(tasks.VOCAB)
+
+    @jax.jit
+    def run(params, key):
+        def body(carry, key_t):
+            x, state = carry
+            hs, state = fn(params["cell"], x[None], state)
+            idx = jax.random.categorical(key_t, logits(params["out"], hs[0]))
+            return (jax.nn.one_hot(idx, vocab, dtype=x.dtype), state), idx
+
+        x0 = jnp.zeros((n, vocab), jnp.float32)
+        _, hs0 = jax.eval_shape(lambda: fn(params["cell"], x0[None]))
+        state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), hs0)
+        _, ids = jax.lax.scan(body, (x0, state0), jax.random.split(key, max_len))
+        return ids.T
+
+    out = []
+    for row in np.asarray(run(params, key)):
+        text = tasks.decode(row)
+        out.append(text.split("\n")[0] if "\n" in text else text + "…")
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
+
+    def __init__(self, total, start=0, desc="", stream=sys.stderr):
+        self.total, self.n, self.desc, self.stream = total, start, desc, stream
+        self.t0, self.last = time.perf_counter(), -1.0
+        self.tty = stream.isatty()
+
+    def update(self, n, postfix=""):
+        self.n = n
+        now = time.perf_counter()
+        if n < self.total and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        frac = n / max(self.total, 1)
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        line = f"{self.desc} [{bar}] {n}/{self.total} {now - self.t0:5.1f}s {postfix}"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        if self.tty and n >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _compatible(saved: dict, config: Config):
+    diffs = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in dataclasses.asdict(config).items()
+             if k not in RESUMABLE and saved.get(k) != v]
+    if diffs:
+        raise checkpoint.CheckpointError(
+            "the checkpoint in this --out was written by another model or run: "
+            + ", ".join(diffs) + "; use another --out or the same settings")
+
+
+def train(config: Config, out: str, *, log=print, progress=True) -> dict:
+    """Trains (or resumes) the run in ``out``; returns a summary dict.
+
+    Writes ``out/checkpoints/ckpt-*``, ``out/history.json`` and, with matplotlib,
+    ``out/loss.png``.
+    """
+    task = tasks.get(config.task, config.T)
+    template = init(config, task)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    found = checkpoint.restore_latest(ckpt_dir, template,
+                                      lambda meta: _compatible(meta["config"], config))
+    if found is None:
+        (params, opt_state), start, history = template, 0, []
+    else:
+        (params, opt_state), manifest = found
+        start, history = manifest["step"], list(manifest["meta"]["history"])
+        log(f"resuming from step {start} ({ckpt_dir})")
+    step_fn = make_step(config, task)
+    key = jax.random.PRNGKey(config.seed)
+    k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
+
+    def save(step):
+        meta = {"config": dataclasses.asdict(config), "history": history,
+                "data_position": step * config.batch, "task_seed": config.seed,
+                "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
+        checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
+
+    bar = Progress(config.steps, start, f"train {config.task} {config.cell}") if progress else None
+    pending = []
+    t0 = time.perf_counter()
+    for step in range(start, config.steps):
+        batch = jax.tree.map(lambda x: None if x is None else jnp.asarray(x),
+                             task.batch(config.seed, step, config.batch))
+        params, opt_state, loss = step_fn(params, opt_state, batch)
+        pending.append(loss)
+        done = step + 1
+        if done % config.save_every == 0 or done == config.steps or bar is not None and (
+                done % 50 == 0):
+            history.extend(float(x) for x in pending)
+            pending = []
+            if bar is not None:
+                bar.update(done, f"loss {history[-1]:.4f}")
+        if done % config.save_every == 0 or done == config.steps:
+            save(done)
+        if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
+            log(f"step {done}: " + ", ".join(sample_names(config, params, jax.random.fold_in(k_during, done))))
+    elapsed = time.perf_counter() - t0
+    summary = {"task": config.task, "cell": config.cell, "backward": config.backward,
+               "steps": config.steps, "resumed_from": start,
+               "first_loss": history[0] if history else None,
+               "final_loss": float(np.mean(history[-20:])) if history else None,
+               "baseline": task.baseline, "seconds": elapsed}
+    if config.task == "charlm":
+        summary["samples"] = sample_names(config, params, k_final, n=10)
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(config), "loss": history, "summary": summary}, f)
+    summary["plot"] = plot_history(history, task, config, os.path.join(out, "loss.png"))
+    summary["params"], summary["opt_state"] = params, opt_state
+    return summary
+
+
+def plot_history(history, task, config, path):
+    """Learning curve PNG (raw and smoothed loss, with the task's baseline); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    loss = np.asarray(history)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(np.arange(1, len(loss) + 1), loss, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
+    w = max(1, len(loss) // 50)
+    if len(loss) >= w:
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, len(loss) + 1), smooth, color="tab:blue", lw=2,
+                label=f"mean of {w} steps")
+    ax.axhline(task.baseline, color="gray", ls="--", lw=1, label="baseline (no learning)")
+    unit = "MSE" if task.kind == "regress" else "cross-entropy (nats per symbol)"
+    ax.set(xlabel="training step", ylabel=unit,
+           title=f"{config.task}: {config.cell.upper()} n_a={config.hidden}, {config.optimizer} "
+                 f"lr={config.lr}, backward={config.backward}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
