@@ -192,10 +192,11 @@ def _gradflow(args) -> int:
                                                 args.train_T))
     except ImportError:
         print("no plots: pip install 'jaxbptt[experiments]' for matplotlib", file=sys.stderr)
-    print(f"{'cell / init':<30} " + " ".join(f"lag {lag:>3}" for lag in (0, 10, 50, args.T - 1)))
+    lags = sorted({0, min(10, args.T - 1), min(50, args.T - 1), args.T - 1})
+    print(f"{'mean ||dL_T/da<t>||':<30} " + " ".join(f"lag {lag:>3}" for lag in lags))
     for name, r in init.items():
         a = r["a"][::-1]
-        print(f"{name:<30} " + " ".join(f"{a[lag]:.1e}".rjust(7) for lag in (0, 10, 50, args.T - 1)))
+        print(f"{name:<30} " + " ".join(f"{a[lag]:.1e}".rjust(7) for lag in lags))
     print(f"gradflow: mean ||dL_T/da<t>|| for {len(init)} initialisations"
           + (f" and {len(maps)} trained cells" if maps else "")
           + f" in {time.perf_counter() - start:.1f} s; wrote {', '.join(files)}")

@@ -14,6 +14,8 @@ gradient of a zero array added to the states). This module measures it
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +39,12 @@ INITS = {
 
 def _rnn_init(key, n_x, n_a, kind, variance=1.0):
     kx, ka = jax.random.split(key)
-    Wax = jax.random.normal(kx, (n_a, n_x)) / np.sqrt(n_x)
+    Wax = jax.random.normal(kx, (n_a, n_x), jnp.float32) / math.sqrt(n_x)
     if kind == "orthogonal":
-        Waa = jax.nn.initializers.orthogonal()(ka, (n_a, n_a))
+        Waa = jax.nn.initializers.orthogonal()(ka, (n_a, n_a), jnp.float32)
     else:
-        Waa = jax.random.normal(ka, (n_a, n_a)) * np.sqrt(variance / n_a)
-    return RNNParams(Wax, Waa, jnp.zeros((n_a,)))
+        Waa = jax.random.normal(ka, (n_a, n_a), jnp.float32) * math.sqrt(variance / n_a)
+    return RNNParams(Wax, Waa, jnp.zeros((n_a,), jnp.float32))
 
 
 def zeros_probe(state0, T):
@@ -61,7 +63,7 @@ def adjoint_norms(fn, params, xs, *, backward="bptt", seed=0):
     _, state_T = jax.eval_shape(fn, params, xs)
     state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_T)
     n_a = jax.tree.leaves(state0)[0].shape[-1]
-    u = jax.random.normal(jax.random.PRNGKey(seed), (n_a,))
+    u = jax.random.normal(jax.random.PRNGKey(seed), (n_a,), xs.dtype)
     u = u / jnp.linalg.norm(u)
 
     @jax.jit
@@ -85,7 +87,7 @@ def at_init(T=100, B=32, n_x=8, n_a=64, seed=0, backward="bptt", input_scale=0.5
     Inputs are N(0, input_scale²): small enough that the tanh units are not
     saturated at the start, so the recurrent weights decide the flow.
     """
-    xs = input_scale * jax.random.normal(jax.random.PRNGKey(seed + 1), (T, B, n_x))
+    xs = input_scale * jax.random.normal(jax.random.PRNGKey(seed + 1), (T, B, n_x), jnp.float32)
     results = {}
     for i, (name, (fn, make)) in enumerate(INITS.items()):
         params = make(jax.random.PRNGKey(seed * 100 + i), n_x, n_a)

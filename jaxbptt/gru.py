@@ -48,6 +48,7 @@ Backward, with da = dL/da<t> from step t+1 plus the output's own cotangent::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -84,7 +85,7 @@ def init_gru(key, n_x, n_a, dtype=jnp.float32, *, variant="course") -> GRUParams
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    k = 1.0 / jnp.sqrt(n_a)
+    k = 1.0 / math.sqrt(n_a)
     keys = jax.random.split(key, 3)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]
     zeros = jnp.zeros((n_a,), dtype)

@@ -29,6 +29,7 @@ loop (and dx, dW* are single matmuls after it).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -66,7 +67,7 @@ def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParam
     ``bf = forget_bias`` (1.0 by default, Jozefowicz et al. 2015) keeps the
     memory open at initialisation.
     """
-    k = 1.0 / jnp.sqrt(n_a)
+    k = 1.0 / math.sqrt(n_a)
     keys = jax.random.split(key, 4)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]
     zeros = jnp.zeros((n_a,), dtype)

@@ -10,6 +10,7 @@ weight, 1 by default), the gradient with respect to the logits is the familiar
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ class OutputParams(NamedTuple):
 
 def init_output(key, n_a, n_y, dtype=jnp.float32) -> OutputParams:
     """Weights uniform in ±1/sqrt(n_a), zero bias."""
-    k = 1.0 / jnp.sqrt(n_a)
+    k = 1.0 / math.sqrt(n_a)
     return OutputParams(jax.random.uniform(key, (n_y, n_a), dtype, -k, k),
                         jnp.zeros((n_y,), dtype))
 

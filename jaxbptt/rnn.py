@@ -14,6 +14,7 @@ Backward, with da<t> = dL/da<t> (carried from step t+1 plus the output's own)::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -35,7 +36,7 @@ _SPEC = {"Wax": ("n_a", "n_x"), "Waa": ("n_a", "n_a"), "ba": ("n_a",)}
 
 def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
     """Weights uniform in ±1/sqrt(n_a) (PyTorch's default), zero bias."""
-    k = 1.0 / jnp.sqrt(n_a)
+    k = 1.0 / math.sqrt(n_a)
     kx, ka = jax.random.split(key)
     return RNNParams(
         Wax=jax.random.uniform(kx, (n_a, n_x), dtype, -k, k),

@@ -1,10 +1,12 @@
 """The `jaxbptt` command line: `check` compares every cell on every backend."""
 
 import importlib
+import json
 import subprocess
 import sys
 
 import jax
+import pytest
 
 from jaxbptt import check, cli
 
@@ -49,3 +51,74 @@ def test_help_and_usage_errors():
     bad = subprocess.run([sys.executable, "-m", "jaxbptt.cli", "frobnicate"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _exit_code(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_every_command_has_help(capsys):
+    for command in ("check", "train", "sample", "gradflow"):
+        code, out = _exit_code([command, "--help"], capsys)
+        assert code == 0 and f"usage: jaxbptt {command}" in out.out
+    code, out = _exit_code(["--help"], capsys)
+    assert code == 0 and all(c in out.out for c in ("check", "train", "sample", "gradflow"))
+
+
+def test_train_sample_and_resume(tmp_path, capsys):
+    pytest.importorskip("names")
+    args = ["train", "charlm", "--steps", "20", "--out", str(tmp_path), "--hidden", "8",
+            "--batch", "4", "--save-every", "10", "--sample-every", "10"]
+    code, out = _exit_code(args, capsys)
+    assert code == 0, out.err
+    last = out.out.strip().splitlines()[-1]
+    assert last.startswith("trained charlm RNN (bptt) steps 0->20") and "ckpt-000000020" in last
+    assert "sampled names:" in out.out and "step 10:" in out.out
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert (tmp_path / "history.json").exists()
+    code, out = _exit_code(args[:3] + ["30"] + args[4:], capsys)
+    assert code == 0 and "resuming from step 20" in out.out and "steps 20->30" in out.out
+    code, out = _exit_code(["sample", "--out", str(tmp_path), "--n", "4"], capsys)
+    assert code == 0 and len(out.out.strip().splitlines()) == 4
+    assert "at step 30" in out.err
+
+
+def test_gradflow_writes_plots_and_json(tmp_path, capsys):
+    code, out = _exit_code(["gradflow", "--T", "12", "--steps", "6", "--train-T", "8",
+                            "--out", str(tmp_path)], capsys)
+    assert code == 0, out.err
+    data = json.loads((tmp_path / "gradflow.json").read_text())
+    assert len(data["at_init"]) == 7 and set(data["training"]) == {"rnn", "lstm", "gru"}
+    for name, r in data["at_init"].items():
+        assert len(r["a"]) == 12 and abs(r["a"][-1] - 1.0) < 1e-5, name  # ‖∂L_T/∂a<T>‖ = 1
+    for png in ("gradflow_init.png", "gradflow_training.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert out.out.strip().splitlines()[-1].startswith("gradflow: ")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "poetry"], "invalid choice: 'poetry'"),
+    (["train", "adding", "--steps", "-5"], "expected a positive integer, got -5"),
+    (["train", "adding", "--steps", "0"], "expected a positive integer, got 0"),
+    (["train", "adding", "--out", "/proc/version/run"], "is not a writable directory"),
+    (["sample", "--out", "/nonexistent-run"], "no checkpoint in /nonexistent-run"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    code, out = _exit_code(argv, capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.err
+
+
+def test_checkpoint_from_another_model(tmp_path, capsys):
+    pytest.importorskip("names")
+    base = ["train", "charlm", "--steps", "5", "--out", str(tmp_path), "--hidden", "8",
+            "--batch", "4", "--sample-every", "0", "--quiet"]
+    assert _exit_code(base, capsys)[0] == 0
+    code, out = _exit_code(base + ["--cell", "gru"], capsys)
+    assert code == 2 and "cell='rnn' (asked 'gru')" in out.err
+    assert len(out.err.strip().splitlines()) == 1

@@ -43,10 +43,10 @@ def test_bptt_and_autodiff_train_alike(tmp_path, cell):
     runs = {b: _train(tmp_path, b, task="charlm", cell=cell, steps=30, backward=b)
             for b in ("bptt", "autodiff")}
     loss = {b: np.asarray(json.load(open(tmp_path / b / "history.json"))["loss"]) for b in runs}
-    np.testing.assert_allclose(loss["bptt"], loss["autodiff"], rtol=2e-4)
+    np.testing.assert_allclose(loss["bptt"], loss["autodiff"], rtol=5e-6)  # float32 round-off
     leaves = [jax.tree.leaves(runs[b]["params"]) for b in runs]
     for x, y in zip(*leaves):
-        np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5)
+        assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y))
 
 
 def _cli(out, steps, *extra):

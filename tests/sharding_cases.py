@@ -1,0 +1,443 @@
+"""Multi-device checks for ``test_sharding.py``, run in a subprocess (not a test module).
+
+Simulated CPU devices need ``--xla_force_host_platform_device_count`` in
+``XLA_FLAGS`` before JAX initialises, which the pytest process has already done,
+so ``test_sharding.py`` runs this script once per device count::
+
+    python tests/sharding_cases.py --devices 4      # prints one JSON report on stdout
+    python tests/sharding_cases.py --devices 4 --memory   # per-device memory table (docs)
+
+Every comparison is against the same computation on a single device in this
+process, in float64. The report holds numbers and HLO facts; the asserts live in
+``test_sharding.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+# Shapes: small (compile time dominates), and chosen so that T, B, T*B and B/N
+# appear in no parameter shape: n_a = 5, n_x = 3 give params of sizes 5, 8, 15, 20.
+T, B, N_X, N_A = 7, 16, 3, 5
+ENSEMBLE = 8
+TOL = 1e-12
+
+
+def _parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--memory", action="store_true",
+                        help="print per-device residual and compiled memory of every cell's "
+                        "gradient (float32, T=100, B=64, n_x=32, n_a=128) instead")
+    return parser.parse_args()
+
+
+ARGS = _parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", "")).split()
+    # LLVM -O0: compiling dominates the run time and -O0 roughly halves it. The HLO
+    # passes (SPMD partitioning, collectives, buffer assignment) are unaffected.
+    flags += [f"--xla_force_host_platform_device_count={ARGS.devices}",
+              "--xla_backend_optimization_level=0"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # simulated devices are host (CPU) devices
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jaxbptt as jb  # noqa: E402
+from cells import make, rel_err  # noqa: E402
+
+BATCH = P(None, "batch", None)  # xs, hs, dxs (T, B, .); a stack's init (L*D, B, n_a)
+ROWS = P("batch", None)  # a state (B, n_a)
+MODES = ("bptt", "autodiff")
+
+
+# ---------------------------------------------------------------------------- problems
+
+def _rng_like(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape)), tree)
+
+
+class Problem:
+    """A model, its inputs, cotangent weights and the specs of every argument."""
+
+    def __init__(self, name):
+        self.name = name
+        self.lengths = None
+        if name == "stack":
+            # 2 bidirectional LSTM layers, ragged lengths: exercises reverse + lengths.
+            fwd = [make("lstm", T, B, n_x, N_A, seed=s)[1] for s, n_x in ((0, N_X), (1, 2 * N_A))]
+            bwd = [make("lstm", T, B, n_x, N_A, seed=s)[1] for s, n_x in ((2, N_X), (3, 2 * N_A))]
+            self.params = tuple(jb.Bidirectional(f, b) for f, b in zip(fwd, bwd))
+            _, _, self.xs, _ = make("lstm", T, B, N_X, N_A)
+            rng = np.random.default_rng(7)
+            init = jnp.asarray(0.5 * rng.normal(size=(2, 4, B, N_A)))
+            self.state0 = jb.LSTMState(init[0], init[1])
+            self.lengths = jnp.asarray(rng.integers(1, T + 1, B))
+            self.state_spec = jb.LSTMState(BATCH, BATCH)
+
+            def fn(params, xs, state0, lengths, backward):
+                return jb.stack(params, xs, state0, lengths=lengths, backward=backward)
+        else:
+            cell_fn, self.params, self.xs, self.state0 = make(name, T, B, N_X, N_A)
+            self.state_spec = jax.tree.map(lambda _: ROWS, self.state0)
+
+            def fn(params, xs, state0, lengths, backward):
+                return cell_fn(params, xs, state0, lengths=lengths, backward=backward)
+        self.fn = fn
+        out = jax.eval_shape(lambda p, x, s, n: fn(p, x, s, n, "bptt"),
+                             self.params, self.xs, self.state0, self.lengths)
+        self.w_hs, self.w_final = _rng_like(out, 11)
+        self.final_spec = self.state_spec
+
+    def loss(self, params, xs, state0, w_hs, w_final, lengths, backward):
+        hs, final = self.fn(params, xs, state0, lengths, backward)
+        on_final = sum(jnp.sum(s * w) for s, w in
+                       zip(jax.tree.leaves(final), jax.tree.leaves(w_final)))
+        return jnp.sum(hs * w_hs) + on_final, hs
+
+    def args(self):
+        return (self.params, self.xs, self.state0, self.w_hs, self.w_final, self.lengths)
+
+    def specs(self):
+        """PartitionSpecs of ``args()`` for batch data parallelism."""
+        return (jax.tree.map(lambda _: P(), self.params), BATCH, self.state_spec, BATCH,
+                self.final_spec, None if self.lengths is None else P("batch"))
+
+    def n_params(self):
+        return sum(x.size for x in jax.tree.leaves(self.params))
+
+
+def step_fn(problem, backward):
+    """(params, xs, state0, w_hs, w_final, lengths) -> (hs, (dparams, dxs, dstate0))."""
+
+    def step(params, xs, state0, w_hs, w_final, lengths):
+        (_, hs), grads = jax.value_and_grad(problem.loss, argnums=(0, 1, 2), has_aux=True)(
+            params, xs, state0, w_hs, w_final, lengths, backward)
+        return hs, grads
+
+    return step
+
+
+_REFERENCES = {}
+
+
+def reference(problem, backward):
+    """(hs, grads) of ``problem`` on one device (jax.devices()[0]), computed once."""
+    key = (problem.name, backward)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = jax.jit(step_fn(problem, backward))(*on_one_device(problem.args()))
+    return _REFERENCES[key]
+
+
+def put(tree, specs, mesh):
+    """device_put every leaf of ``tree`` with the matching PartitionSpec of ``specs``."""
+    return jax.tree.map(lambda s, x: None if x is None else
+                        jax.device_put(x, NamedSharding(mesh, s)), specs, tree,
+                        is_leaf=lambda s: s is None or isinstance(s, P))
+
+
+def on_one_device(tree):
+    return jax.device_put(tree, jax.devices()[0])
+
+
+# ---------------------------------------------------------------------------- HLO
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute", "collective-broadcast")
+
+
+def _shapes(text):
+    return [[int(d) for d in dims.split(",") if d] for _, dims in _SHAPE.findall(text)]
+
+
+def collectives(hlo):
+    """Every collective of a compiled HLO module: op, result and operand shapes, computation.
+
+    Async pairs (``all-gather-start`` / ``-done``) are reported once, at the start.
+    Operand shapes are resolved from the defining instructions.
+    """
+    defined, found, computation, entry = {}, [], None, False
+    for line in hlo.splitlines():
+        m = _INSTR.match(line)
+        if m is None:
+            c = _COMPUTATION.match(line)
+            if c is not None and "=" not in line.split("(")[0]:
+                computation, entry = c.group(1), line.lstrip().startswith("ENTRY")
+            continue
+        name, type_text, op, rest = m.groups()
+        defined[name] = _shapes(type_text)
+        base = op[:-len("-start")] if op.endswith("-start") else op
+        if base in COLLECTIVES:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", rest)
+            found.append({"op": base, "name": name, "computation": computation, "entry": entry,
+                          "replica_groups": groups.group(1) if groups else None,
+                          "shapes": defined[name],
+                          "operand_shapes": [s for o in operands for s in defined.get(o, [])]})
+    return found
+
+
+def activation_like(shape, n_dev):
+    """A T-leading-and-batch-wide array (T, B or B/N, .) or a flattened (T*B, .) one."""
+    widths = {B, B // n_dev}
+    if any(d in (T * B, T * B // n_dev) for d in shape):
+        return True
+    return T in shape and any(d in widths for d in shape) and len(shape) >= 2
+
+
+def hlo_summary(compiled, n_dev):
+    colls = collectives(compiled.as_text())
+    gathers_full = [c for c in colls if c["op"] == "all-gather" and any(
+        T in s and B in s for s in c["shapes"] + c["operand_shapes"])]
+    big = [c for c in colls if any(activation_like(s, n_dev)
+                                   for s in c["shapes"] + c["operand_shapes"])]
+    reduced = [c for c in colls if c["op"] == "all-reduce"]
+    return {
+        "collectives": sorted({f"{c['op']} {c['shapes']}" for c in colls}),
+        "n_all_reduce": len(reduced),
+        "all_reduce_elements": int(sum(np.prod(s) for c in reduced for s in c["shapes"])),
+        "all_reduce_shapes": [s for c in reduced for s in c["shapes"]],
+        "all_reduce_groups": sorted({str(c["replica_groups"]) for c in reduced}),
+        "collectives_outside_entry": [c for c in colls if not c["entry"]],
+        "all_gathers": [c["shapes"] for c in colls if c["op"] == "all-gather"],
+        "full_batch_all_gathers": gathers_full,
+        "activation_sized_collectives": big,
+    }
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _is(sharding, mesh, spec, ndim):
+    return bool(sharding.is_equivalent_to(NamedSharding(mesh, spec), ndim))
+
+
+def data_parallel(mesh, names):
+    """Check 1 and 2: jit(grad) on batch-sharded inputs vs one device; HLO collectives."""
+    n_dev = mesh.size
+    rows = []
+    for name in names:
+        pb = Problem(name)
+        grads = {}
+        for backward in MODES:
+            step = step_fn(pb, backward)
+            ref_hs, ref = reference(pb, backward)
+            args = put(pb.args(), pb.specs(), mesh)
+            compiled = jax.jit(step).lower(*args).compile()
+            hs, (dp, dxs, ds0) = compiled(*args)
+            grads[backward] = (dp, dxs, ds0)
+            rows.append({
+                "model": name, "backward": backward,
+                "grad_rel_err": rel_err((dp, dxs, ds0), ref),
+                "hs_rel_err": rel_err(hs, ref_hs),
+                "hs_spec": str(hs.sharding.spec),
+                "hs_batch_sharded": _is(hs.sharding, mesh, BATCH, 3),
+                "dxs_spec": str(dxs.sharding.spec),
+                "dxs_batch_sharded": _is(dxs.sharding, mesh, BATCH, 3),
+                "dstate0_batch_sharded": all(
+                    _is(g.sharding, mesh, s, g.ndim) for g, s in
+                    zip(jax.tree.leaves(ds0), jax.tree.leaves(pb.state_spec))),
+                "dparams_replicated": all(g.sharding.is_fully_replicated
+                                          for g in jax.tree.leaves(dp)),
+                "n_params": pb.n_params(),
+                **hlo_summary(compiled, n_dev),
+            })
+        rows[-1]["bptt_vs_autodiff"] = rel_err(grads["bptt"], grads["autodiff"])
+    return rows
+
+
+def shard_map_explicit(mesh, names, modes=MODES, check_vma=True):
+    """Check 3: per-device grad in shard_map, parameter gradients psum-ed by hand.
+
+    The params are cast to 'varying' over the batch axis first, so that their
+    gradient is the local (per-shard) one and the psum is ours; with
+    ``check_vma=False`` there is no type tracking and the psum is needed as well.
+    """
+    rows = []
+    for name in names:
+        pb = Problem(name)
+        for backward in modes:
+            step = step_fn(pb, backward)
+            _, ref = reference(pb, backward)
+
+            def local(params, xs, state0, w_hs, w_final, lengths, step=step):
+                if check_vma:
+                    params = jax.lax.pcast(params, "batch", to="varying")
+                _, (dp, dxs, ds0) = step(params, xs, state0, w_hs, w_final, lengths)
+                return jax.lax.psum(dp, "batch"), dxs, ds0
+
+            specs = pb.specs()
+            out_specs = (specs[0], BATCH, pb.state_spec)
+            sm = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs,
+                               check_vma=check_vma)
+            got = jax.jit(sm)(*put(pb.args(), specs, mesh))
+            rows.append({"model": name, "backward": backward, "check_vma": check_vma,
+                         "grad_rel_err": rel_err(got, ref),
+                         "dxs_batch_sharded": _is(got[1].sharding, mesh, BATCH, 3)})
+    return rows
+
+
+def shard_map_replicated_params(mesh):
+    """The natural form: replicated (invariant) params inside shard_map, no psum.
+
+    Under check_vma JAX's autodiff inserts the psum itself (the transpose of the
+    implicit 'pvary' of the params). Probed with an explicit, sharded state0 and
+    with state0=None (zeros made inside the per-device function).
+    """
+    pb = Problem("lstm")
+    rows = []
+    for state0_given in (True, False):
+        for backward in MODES:
+            step = step_fn(pb, backward)
+            _, (ref_dp, ref_dxs, _) = reference(pb, backward)
+
+            def local(params, xs, state0, w_hs, w_final, lengths, backward=backward):
+                def loss(params, xs):
+                    s0 = state0 if state0_given else None
+                    hs, final = jb.lstm(params, xs, s0, backward=backward)
+                    return jnp.sum(hs * w_hs) + sum(jnp.sum(s * w) for s, w in zip(final, w_final))
+                return jax.grad(loss, argnums=(0, 1))(params, xs)
+
+            specs = pb.specs()
+            sm = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(specs[0], BATCH))
+            row = {"model": "lstm", "backward": backward, "state0": "sharded" if state0_given
+                   else "None", "error": None, "grad_rel_err": None}
+            try:
+                got = jax.jit(sm)(*put(pb.args(), specs, mesh))
+            except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            else:
+                if state0_given:
+                    row["grad_rel_err"] = rel_err(got, (ref_dp, ref_dxs))
+                else:  # compare with a zero state0 on one device
+                    zero = jax.tree.map(jnp.zeros_like, pb.state0)
+                    _, (zdp, zdxs, _) = jax.jit(step)(
+                        *on_one_device((pb.params, pb.xs, zero, pb.w_hs, pb.w_final, None)))
+                    row["grad_rel_err"] = rel_err(got, (zdp, zdxs))
+            rows.append(row)
+    return rows
+
+
+def vmap_sweeps(mesh, names):
+    """Check 4: vmap over ENSEMBLE parameter sets vs a Python loop; then with the batch sharded.
+
+    On 8 devices the sharded sweep uses a 2-D mesh ('model': 2, 'batch': 4): the
+    ensemble axis is split over 'model', the batch over 'batch'.
+    """
+    rows = []
+    for name in names:
+        pb = Problem(name)
+        members = [make(name, T, B, N_X, N_A, seed=100 + e)[1] for e in range(ENSEMBLE)]
+        stacked = jax.tree.map(lambda *x: jnp.stack(x), *members)
+
+        def grad_one(params, xs, state0, w_hs, w_final, pb=pb):
+            return jax.grad(lambda *a: pb.loss(*a, None, "bptt")[0], argnums=(0, 1, 2))(
+                params, xs, state0, w_hs, w_final)
+
+        data = (pb.xs, pb.state0, pb.w_hs, pb.w_final)
+        one = jax.jit(grad_one)
+        loop = [one(m, *data) for m in members]
+        loop = jax.tree.map(lambda *x: jnp.stack(x), *loop)
+        sweep = jax.jit(jax.vmap(grad_one, in_axes=(0, None, None, None, None)))
+        row = {"model": name, "members": ENSEMBLE,
+               "vmap_rel_err": rel_err(sweep(stacked, *data), loop)}
+
+        if mesh.size == 8:
+            mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("model", "batch"))
+            p_spec, label = P("model"), "model=2 x batch=4"
+        else:
+            mesh2, p_spec, label = mesh, P(), f"batch={mesh.size}"
+        sp = put(stacked, jax.tree.map(lambda _: p_spec, stacked), mesh2)
+        sd = put(data, (BATCH, pb.state_spec, BATCH, pb.final_spec), mesh2)
+        compiled = sweep.lower(sp, *sd).compile()
+        got = compiled(sp, *sd)
+        dxs = got[1]
+        row.update({
+            "mesh": label,
+            "sharded_rel_err": rel_err(got, loop),
+            "dxs_spec": str(dxs.sharding.spec),
+            "dxs_sharded": _is(dxs.sharding, mesh2,
+                               P("model" if mesh.size == 8 else None, None, "batch", None), 4),
+            **hlo_summary(compiled, 4),
+        })
+        rows.append(row)
+    return rows
+
+
+def report(n_dev):
+    assert len(jax.devices()) == n_dev, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    cells = ("rnn", "lstm", "gru-course", "gru-cudnn", "stack")
+    return {
+        "devices": n_dev, "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "shape": {"T": T, "B": B, "n_x": N_X, "n_a": N_A},
+        "data_parallel": data_parallel(mesh, cells),
+        "shard_map": shard_map_explicit(mesh, cells, modes=("bptt",))
+        + shard_map_explicit(mesh, ("lstm",), modes=("autodiff",))
+        + shard_map_explicit(mesh, ("lstm",), modes=("bptt",), check_vma=False),
+        "shard_map_replicated_params": shard_map_replicated_params(mesh),
+        "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
+    }
+
+
+# ---------------------------------------------------------------------------- memory
+
+def memory(n_dev, shape=(100, 64, 32, 128)):
+    """Per-device bytes of one gradient (float32) on 1 and n_dev devices, for every cell.
+
+    ``residual_bytes``: the arrays ``jax.vjp`` keeps from the forward for the
+    backward (the vjp function's leaves; one device's shard of each).
+    ``argument/output/temp_bytes``: ``memory_analysis()`` of the compiled
+    ``jit(grad)`` (temp is the peak scratch of the whole step).
+    """
+    t, b, n_x, n_a = shape
+    rows = []
+    for cell in ("rnn", "lstm", "gru-course", "gru-cudnn"):
+        fn, params, xs, s0 = make(cell, t, b, n_x, n_a, dtype=np.float32)
+        specs = (jax.tree.map(lambda _: P(), params), BATCH, jax.tree.map(lambda _: ROWS, s0))
+        for backward in MODES:
+            def run(params, xs, s0, backward=backward, fn=fn):
+                return fn(params, xs, s0, backward=backward)
+
+            def loss(params, xs, s0, run=run):
+                return jnp.sum(run(params, xs, s0)[0] ** 2)
+
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            for n in sorted({1, n_dev}):
+                mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
+                args = put((params, xs, s0), specs, mesh)
+                _, vjp = jax.vjp(run, *args)
+                saved = [x for x in jax.tree.leaves(vjp) if isinstance(x, jax.Array)]
+                m = grad.lower(*args).compile().memory_analysis()
+                rows.append({
+                    "cell": cell, "backward": backward, "devices": n,
+                    "residual_bytes": sum(x.addressable_shards[0].data.nbytes for x in saved),
+                    "residual_TBn_a_arrays": sum(x.shape == (t, b, n_a) for x in saved),
+                    "argument_bytes": m.argument_size_in_bytes,
+                    "output_bytes": m.output_size_in_bytes,
+                    "temp_bytes": m.temp_size_in_bytes})
+    return {"shape": {"T": t, "B": b, "n_x": n_x, "n_a": n_a, "dtype": "float32"},
+            "rows": rows}
+
+
+if __name__ == "__main__":
+    if ARGS.memory:
+        print(json.dumps(memory(ARGS.devices), indent=1))
+    else:
+        jax.config.update("jax_enable_x64", True)
+        jax.config.update("jax_numpy_rank_promotion", "raise")
+        print(json.dumps(report(ARGS.devices)))

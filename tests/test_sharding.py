@@ -1,0 +1,165 @@
+"""Data parallelism on 4 and 8 simulated devices: jit+sharding, HLO collectives, shard_map, vmap.
+
+The devices are CPU devices made by ``--xla_force_host_platform_device_count``,
+which must be set before JAX initialises, so every check runs in a subprocess
+(``sharding_cases.py``, one per device count, both started at once) that prints
+a JSON report; each test below asserts one concern of that report. Everything
+is float64 and compared with the same computation on one device.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+CASES = pathlib.Path(__file__).with_name("sharding_cases.py")
+DEVICE_COUNTS = (4, 8)
+TOL = 1e-12
+
+
+def _launch(n):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, str(CASES), "--devices", str(n)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def _runs():
+    """Both subprocesses, started together (compiling dominates; they overlap on 2 cores)."""
+    procs = {n: _launch(n) for n in DEVICE_COUNTS}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module", params=DEVICE_COUNTS, ids=lambda n: f"{n}dev")
+def report(request, _runs):
+    proc = _runs[request.param]
+    if not hasattr(proc, "report"):
+        try:
+            out, err = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            pytest.fail(f"sharding_cases.py --devices {request.param} exited with "
+                        f"{proc.returncode}:\n{err[-4000:]}")
+        proc.report = json.loads(out)
+    assert proc.report["devices"] == request.param
+    return proc.report
+
+
+def _where(row):
+    return f"{row['model']}/{row['backward']}"
+
+
+# ---------------------------------------------------------------- 1. data parallelism
+
+def test_data_parallel_gradients_match_one_device(report):
+    # jit(grad) with xs, state0 (and the stack's lengths) sharded on the batch axis.
+    rows = report["data_parallel"]
+    assert {r["model"] for r in rows} == {"rnn", "lstm", "gru-course", "gru-cudnn", "stack"}
+    for r in rows:
+        assert r["grad_rel_err"] < TOL, (_where(r), r["grad_rel_err"])
+        assert r["hs_rel_err"] < TOL, (_where(r), r["hs_rel_err"])
+        if "bptt_vs_autodiff" in r:
+            assert r["bptt_vs_autodiff"] < TOL, (r["model"], r["bptt_vs_autodiff"])
+
+
+def test_data_parallel_shardings(report):
+    # hs, dxs and the initial state's gradient stay batch-sharded; dparams replicated.
+    for r in report["data_parallel"]:
+        assert r["hs_batch_sharded"], (_where(r), r["hs_spec"])
+        assert r["dxs_batch_sharded"], (_where(r), r["dxs_spec"])
+        assert r["dstate0_batch_sharded"], _where(r)
+        assert r["dparams_replicated"], _where(r)
+
+
+# ---------------------------------------------------------------- 2. compiled HLO
+
+def test_hlo_all_reduces_the_parameter_gradients(report):
+    # At least one all-reduce, and together they carry every parameter gradient.
+    for r in report["data_parallel"]:
+        assert r["n_all_reduce"] >= 1, (_where(r), r["collectives"])
+        assert r["all_reduce_elements"] >= r["n_params"], (_where(r), r["collectives"])
+
+
+def test_hlo_residuals_stay_sharded(report):
+    # No all-gather of a (T, B, .) array with the full batch B, and no collective at
+    # all on a T-by-batch activation, local (B/N) or full, or on a flattened (T*B, .).
+    for r in report["data_parallel"] + report["vmap"]:
+        where = f"{r['model']}/{r.get('backward', 'vmap')}"
+        assert r["full_batch_all_gathers"] == [], (where, r["full_batch_all_gathers"])
+        assert r["activation_sized_collectives"] == [], (where, r["collectives"])
+
+
+def test_hlo_bptt_reduces_once_after_the_loop(report):
+    # The hand-derived backward forms dW as one matmul over T*B after the reverse scan,
+    # so its all-reduce sits in the entry computation, never inside a scan's loop body.
+    # (backward="autodiff" accumulates dW in the transposed scan's carry and XLA
+    # all-reduces it at every step; reported, not asserted.)
+    for r in report["data_parallel"]:
+        if r["backward"] == "bptt":
+            assert r["collectives_outside_entry"] == [], (_where(r),
+                                                          r["collectives_outside_entry"])
+
+
+# ---------------------------------------------------------------- 3. shard_map
+
+def test_shard_map_explicit_psum_matches_one_device(report):
+    # Per-device jax.grad inside jax.shard_map over 'batch', then psum of dparams
+    # (params cast to 'varying' under check_vma; and once with check_vma=False).
+    rows = report["shard_map"]
+    assert {r["model"] for r in rows} == {"rnn", "lstm", "gru-course", "gru-cudnn", "stack"}
+    assert {r["check_vma"] for r in rows} == {True, False}
+    for r in rows:
+        assert r["grad_rel_err"] < TOL, (_where(r), r["check_vma"], r["grad_rel_err"])
+        assert r["dxs_batch_sharded"], _where(r)
+
+
+def test_shard_map_replicated_params_autodiff(report):
+    # Replicated (invariant) params, no psum written: JAX's autodiff reduces dparams
+    # itself (the transpose of the implicit pvary), so adding a psum would count N times.
+    row = next(r for r in report["shard_map_replicated_params"]
+               if r["backward"] == "autodiff" and r["state0"] == "sharded")
+    assert row["error"] is None, row["error"]
+    assert row["grad_rel_err"] < TOL
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "library: inside shard_map (check_vma=True) the bptt custom_vjp returns a "
+    "batch-varying cotangent for batch-invariant params, and a state0=None made "
+    "inside the map (invariant zeros) does not match the varying scan carry; see "
+    "docs/many_devices.md, 'shard_map'"))
+def test_shard_map_replicated_params_all_forms(report):
+    for r in report["shard_map_replicated_params"]:
+        assert r["error"] is None, (r["backward"], r["state0"], r["error"])
+        assert r["grad_rel_err"] < TOL, (r["backward"], r["state0"], r["grad_rel_err"])
+
+
+# ---------------------------------------------------------------- 4. vmap sweeps
+
+def test_vmap_sweep_equals_loop(report):
+    # jax.vmap over a leading axis of 8 parameter sets (xs and state0 shared), bptt.
+    rows = report["vmap"]
+    assert {r["model"] for r in rows} == {"lstm", "gru-cudnn"}
+    for r in rows:
+        assert r["members"] == 8
+        assert r["vmap_rel_err"] < TOL, (r["model"], r["vmap_rel_err"])
+
+
+def test_vmap_sweep_with_sharded_batch(report):
+    # The same sweep with the batch sharded (4 devices: batch=4; 8 devices: the
+    # ensemble over 'model'=2 and the batch over 'batch'=4).
+    for r in report["vmap"]:
+        assert r["sharded_rel_err"] < TOL, (r["model"], r["mesh"], r["sharded_rel_err"])
+        assert r["dxs_sharded"], (r["model"], r["mesh"], r["dxs_spec"])
+        assert r["n_all_reduce"] >= 1, (r["model"], r["collectives"])
+        if report["devices"] == 8:  # the ensemble stays split: 8 / 2 members per reduction
+            assert all(s[0] == 4 for s in r["all_reduce_shapes"]), (r["model"],
+                                                                    r["collectives"])
