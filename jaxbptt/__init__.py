@@ -1,5 +1,7 @@
 """jaxbptt: backpropagation through time for RNN, LSTM and GRU, derived by hand."""
 
+from jaxbptt._driver import POLICIES as RESIDUAL_POLICIES
+
 from jaxbptt.gru import GRUParams as GRUParams
 from jaxbptt.gru import gru as gru
 from jaxbptt.gru import init_gru as init_gru

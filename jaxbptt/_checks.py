@@ -149,3 +149,13 @@ def probe(p, state0, T):
     got = jax.tree.map(lambda x: tuple(x.shape), p)
     if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:
         raise ValueError(f"probe must be shaped like the states over time, {want}, got {got}")
+
+
+def chunk(k):
+    """``None`` or a positive int: steps per chunk of the driver's loops (static)."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"chunk must be a positive int (a static number of steps) or None, "
+                         f"got {k!r}")
+    return int(k)

@@ -2,30 +2,43 @@
 
 A cell is a small static object (see ``rnn.py``, ``lstm.py``, ``gru.py``) supplying
 
-``recurrent(params) -> rec``
-    what the recurrence needs at every step (the hidden-side weights, fused).
-``project(params, xs) -> zx``
-    the input projections ``W_x x<t> + b`` for all t at once: one matmul over T*B.
-``step(rec, carry, zx_t) -> (carry_next, res_t)``
+``fuse(params) -> f`` / ``unfuse(params, df) -> dparams``
+    the weights as the loops use them (gates stacked; hidden and input halves
+    apart), and the map of their gradient back to the params.
+``project(f, xs) -> zx``
+    the input projections ``W_x x<t> + b`` of a block of steps: one matmul.
+``step(f, carry, zx_t) -> (carry_next, res_t)``
     one forward step; ``res_t`` holds what the backward needs beyond the states
-    (the gate activations).
-``step_bwd(rec, carry_prev, carry, res_t, dcarry, dh_t) -> (dcarry_prev, dz_t)``
+    (the gate activations). Written on the last axis, so it also runs batched
+    over (T, B, ...) blocks when the previous states are known.
+``step_bwd(f, carry_prev, carry, res_t, dcarry, dh_t) -> (dcarry_prev, dz_t)``
     the hand-derived per-step backward. ``dcarry`` is dL/d(state<t>) carried back
     from step t+1, ``dh_t`` the cotangent of the output ``hs[t]``; it returns
     dL/d(state<t-1>) and the pre-activation deltas ``dz_t`` of this step.
-``param_grads(params, xs, carry_prevs, res, dz) -> (dparams, dxs)``
-    weight, bias and input gradients as single matmuls over T*B, after the loop.
-``output(carry) -> a``, ``add_output(dcarry, dh) -> dcarry`` (dh added to the hidden
-part), ``zero_state(B, n_a, dtype)``, ``check_state(state, B, n_a, dtype)``.
+``chunk_grads(f, xs, carry_prevs, res, dz) -> (df, dxs)``
+    weight, bias and input gradients of a block of steps as single matmuls.
+``output(carry) -> a``, ``add_output(dcarry, dh)`` (dh added to the hidden part),
+``zero_state(B, n_a, dtype)``, ``check_state(state, B, n_a, dtype)``.
 
-The forward saves the time-stacked states and ``res``; the backward is a
-``lax.scan`` of ``step_bwd`` running against time: BPTT, nothing differentiated
-automatically. Three options act on the loop itself, in both directions:
+Time is cut into chunks of K steps: an outer ``lax.scan`` over chunks and an inner
+one over steps. Each chunk's input projection, and in the backward its weight and
+input gradients, are one matmul over K*B rows, so nothing of size T*B*gates is
+ever materialised but what the residual policy keeps:
+
+``"gates"``      the states and the gate activations of every step;
+``"states"``     the states only: each chunk's gates are recomputed in the backward
+                 by one batched ``step`` over the chunk (its matmul over K*B rows);
+``"checkpoint"`` the state at the start of each chunk only (K ~ sqrt(T) by default,
+                 Chen et al. 2016): the backward reruns each chunk's forward.
+
+The backward is a ``lax.scan`` over the chunks against time, each running the
+cell's ``step_bwd`` over its steps: BPTT, nothing differentiated automatically.
+Three options act on the loop itself, in both directions:
 
 * ``lengths`` (B,): steps t >= lengths[b] leave row b's state unchanged and emit
   zeros; backwards they pass the state's gradient straight through and emit
   dz = 0 (padded inputs are zeroed first, so garbage or inf never reaches a sum).
-* ``reverse``: the scan runs from t = T-1 down to 0. With ``lengths`` each row's
+* ``reverse``: the scans run from t = T-1 down to 0. With ``lengths`` each row's
   padding is met first and skipped, so every sequence is reversed within its own
   length, as PyTorch's backward direction does.
 * ``truncate=k``: the state entering every k-th step of a sequence (counted from
@@ -40,13 +53,17 @@ which the reverse scan computes anyway: it is emitted at no extra cost.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+import math
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxbptt import _checks
+
+POLICIES = ("gates", "states", "checkpoint")
+CHUNK = 8  # steps per chunk for "gates" and "states" (see experiments/RESULTS.md)
 
 
 class Options(NamedTuple):
@@ -55,6 +72,24 @@ class Options(NamedTuple):
     reverse: bool = False
     truncate: Optional[int] = None
     probe: bool = False  # whether a probe is passed (its gradient is then emitted)
+    residuals: str = "gates"
+    chunk: Optional[int] = None  # steps per chunk; None: the policy's default
+
+
+class Saved(NamedTuple):
+    """What the forward keeps for the backward (fields unused by a policy are None)."""
+
+    states: Any = None  # (T', ...) every state ("gates", "states")
+    res: Any = None  # (T', ...) every step's residuals ("gates")
+    starts: Any = None  # (T'/K, ...) the state entering each chunk ("checkpoint")
+
+
+def chunk_size(T, opts):
+    if opts.chunk is not None:
+        return min(opts.chunk, T)
+    if opts.residuals == "checkpoint":
+        return max(1, round(math.sqrt(T)))
+    return min(CHUNK, T)
 
 
 def affine(x, W, b):
@@ -68,79 +103,140 @@ def _where(mask, new, old):
         lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-def _masks(t, T, B, lengths, opts):
+def _zeros(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+class _Layout(NamedTuple):
+    """Time cut into n chunks of K steps; T' = n K >= T, the steps past T padding."""
+
+    T: int
+    K: int
+    n: int
+    lengths: Any  # (B,) int or None; set to T when padding is needed
+
+    @staticmethod
+    def of(xs, lengths, opts):
+        T, B = xs.shape[:2]
+        K = chunk_size(T, opts)
+        n = -(-T // K)
+        if n * K != T and lengths is None:
+            lengths = jnp.full((B,), T, jnp.int32)
+        return _Layout(T, K, n, lengths)
+
+    def chunked(self, x):
+        """(T, ...) -> (n, K, ...), zero-padded past T."""
+        pad = self.n * self.K - x.shape[0]
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+        return x.reshape((self.n, self.K) + x.shape[1:])
+
+    def unchunked(self, x, keep_padding=False):
+        """(n, K, ...) -> (T, ...), or (T', ...) with ``keep_padding``."""
+        x = x.reshape((self.n * self.K,) + x.shape[2:])
+        return x if keep_padding else x[: self.T]
+
+    def times(self):
+        return jnp.arange(self.n * self.K).reshape(self.n, self.K)
+
+    def valid(self):
+        return jnp.arange(self.n * self.K)[:, None] < self.lengths[None, :]  # (T', B)
+
+    def inputs(self, xs):
+        """xs chunked, zero on padded steps (which may hold garbage or inf)."""
+        if self.lengths is not None:
+            xs = jnp.where(self.valid()[: xs.shape[0], :, None], xs, 0)
+        return self.chunked(xs)
+
+
+def _masks(t, layout, B, opts):
     """``(valid, cut)`` at time index t, each (B,) bool or None when not in use."""
-    valid = None if lengths is None else t < lengths
+    valid = None if layout.lengths is None else t < layout.lengths
     if not opts.truncate:
         return valid, None
-    n = jnp.full((B,), T) if lengths is None else lengths
+    n = jnp.full((B,), layout.T) if layout.lengths is None else layout.lengths
     taken = n - 1 - t if opts.reverse else jnp.broadcast_to(t, (B,))  # steps before this one
     cut = (taken > 0) & (taken % opts.truncate == 0)
     return valid, cut if valid is None else cut & valid
 
 
-def _zeros(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
+def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit):
+    """The forward over one chunk; ``emit(new, res)`` chooses what each step stacks."""
+
+    def body(carry, step_in):
+        zx_t, t, probe_t = step_in
+        valid, cut = _masks(t, layout, B, opts)
+        if cut is not None:
+            carry = _where(cut, lax.stop_gradient(carry), carry)
+        new, res_t = cell.step(f, carry, zx_t)
+        if probe_t is not None:
+            new = jax.tree.map(jnp.add, new, probe_t)
+        if valid is not None:
+            new = _where(valid, new, carry)
+        return new, emit(new, res_t)
+
+    return lax.scan(body, carry, (zx, ts, probe), reverse=opts.reverse)
 
 
-def _valid_all(T, lengths):
-    return jnp.arange(T)[:, None] < lengths[None, :]  # (T, B)
-
-
-def _zero_padding(xs, lengths):
-    if lengths is None:
-        return xs
-    return jnp.where(_valid_all(xs.shape[0], lengths)[..., None], xs, 0)
+def _prevs(start, states, reverse):
+    """The state each step of a block started from: ``start``, then the block's own."""
+    if reverse:
+        return jax.tree.map(lambda c, s: jnp.concatenate([s[1:], c[None]]), start, states)
+    return jax.tree.map(lambda c, s: jnp.concatenate([c[None], s[:-1]]), start, states)
 
 
 def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, *,
             keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
 
-    Returns ``(hs, carry_T, (states, res))``; ``states`` and ``res`` are the
-    time-stacked carries and residuals (``None`` when not ``keep_residuals``).
+    Returns ``(hs, carry_T, saved)`` with ``saved`` a `Saved` for the policy in
+    ``opts`` (``None`` when not ``keep_residuals``), over the padded time T'.
     """
-    T, B = xs.shape[:2]
-    rec = cell.recurrent(params)
-    zx = cell.project(params, _zero_padding(xs, lengths))
+    B = xs.shape[1]
+    layout = _Layout.of(xs, lengths, opts)
+    f = cell.fuse(params)
+    policy = opts.residuals if keep_residuals else None
+    emit = {"gates": lambda new, res: (new, res),
+            "states": lambda new, res: new}.get(policy, lambda new, res: cell.output(new))
 
-    def body(carry, step_in):
-        zx_t, t, probe_t = step_in
-        valid, cut = _masks(t, T, B, lengths, opts)
-        if cut is not None:
-            carry = _where(cut, lax.stop_gradient(carry), carry)
-        new, res_t = cell.step(rec, carry, zx_t)
-        if probe_t is not None:
-            new = jax.tree.map(jnp.add, new, probe_t)
-        if valid is not None:
-            new = _where(valid, new, carry)
-        return new, ((new, res_t) if keep_residuals else cell.output(new))
+    def chunk_body(carry, chunk_in):
+        xs_k, ts, probe_k = chunk_in
+        end, ys = _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs_k), ts,
+                             probe_k, emit)
+        return end, (ys, carry if policy == "checkpoint" else None)
 
-    carry_T, ys = lax.scan(body, carry0, (zx, jnp.arange(T), probe), reverse=opts.reverse)
-    saved = ys if keep_residuals else None
-    hs = cell.output(ys[0]) if keep_residuals else ys
-    if lengths is not None:
-        hs = jnp.where(_valid_all(T, lengths)[..., None], hs, 0)
+    probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
+    carry_T, (ys, starts) = lax.scan(
+        chunk_body, carry0, (layout.inputs(xs), layout.times(), probe_c), reverse=opts.reverse)
+    ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
+    if policy == "gates":
+        saved = Saved(states=ys[0], res=ys[1])
+    elif policy == "states":
+        saved = Saved(states=ys)
+    else:
+        saved = Saved(starts=starts) if policy == "checkpoint" else None
+    hs = cell.output(saved.states) if policy in ("gates", "states") else ys
+    hs = hs[: layout.T]
+    if layout.lengths is not None:
+        hs = jnp.where(layout.valid()[: layout.T, :, None], hs, 0)
     return hs, carry_T, saved
 
 
-def backward(cell, params, xs, carry0, states, res, dhs, dcarry_T, lengths=None, opts=Options(),
+def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=Options(),
              with_probe=False):
     """The BPTT reverse scan: cotangents of (hs, carry_T) -> of (params, xs, carry0).
 
     With ``with_probe`` it also returns dL/d(state<t>) for every t (the probe's gradient).
     """
-    T, B = xs.shape[:2]
-    rec = cell.recurrent(params)
-    # The state each step started from: carry0, then the states of the steps before it.
-    shift = ((lambda c0, s: jnp.concatenate([s[1:], c0[None]])) if opts.reverse else
-             (lambda c0, s: jnp.concatenate([c0[None], s[:-1]])))
-    carry_prevs = jax.tree.map(shift, carry0, states)
+    B = xs.shape[1]
+    layout = _Layout.of(xs, lengths, opts)
+    f = cell.fuse(params)
+    policy = opts.residuals
 
-    def body(dcarry, step_in):
+    def step_bwd(dcarry, step_in):
         carry_prev, carry, res_t, dh_t, t = step_in
-        valid, cut = _masks(t, T, B, lengths, opts)
-        dprev, dz = cell.step_bwd(rec, carry_prev, carry, res_t, dcarry, dh_t)
+        valid, cut = _masks(t, layout, B, opts)
+        dprev, dz = cell.step_bwd(f, carry_prev, carry, res_t, dcarry, dh_t)
         # dL/d(state<t>): what step t+1 sent back, plus the output's own cotangent.
         dstate = cell.add_output(dcarry, dh_t) if with_probe else None
         if valid is not None:  # a padded step is the identity on the state
@@ -151,12 +247,42 @@ def backward(cell, params, xs, carry0, states, res, dhs, dcarry_T, lengths=None,
             dprev = _where(cut, _zeros(dprev), dprev)
         return dprev, (dz, dstate)
 
-    dcarry0, (dz, dstates) = lax.scan(
-        body, dcarry_T, (carry_prevs, states, res, dhs, jnp.arange(T)), reverse=not opts.reverse)
-    dparams, dxs = cell.param_grads(params, _zero_padding(xs, lengths), carry_prevs, res, dz)
+    def chunk_body(acc, chunk_in):
+        dcarry, df = acc
+        xs_k, ts, dh_k, stored = chunk_in
+        if policy == "checkpoint":  # rerun this chunk's forward from its first state
+            start, probe_k = stored
+            states, res = _run_chunk(cell, f, layout, B, opts, start, cell.project(f, xs_k),
+                                     ts, probe_k, lambda new, res: (new, res))[1]
+            prevs = _prevs(start, states, opts.reverse)
+        elif policy == "states":  # the gates of every step of the chunk in one batched step
+            prevs, states = stored
+            res = cell.step(f, prevs, cell.project(f, xs_k))[1]
+        else:
+            prevs, states, res = stored
+        dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
+                                         reverse=not opts.reverse)
+        df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
+        return (dcarry, jax.tree.map(jnp.add, df, df_k)), (dxs_k, dstates)
+
+    if policy == "checkpoint":
+        probe = None
+        if with_probe:  # the rerun must add the probe as the forward did: it is zeros
+            probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
+                                 carry0)
+        stored = (saved.starts, probe)
+    else:
+        prevs = _prevs(carry0, saved.states, opts.reverse)  # saved over the padded time T'
+        stored = jax.tree.map(lambda x: x.reshape((layout.n, layout.K) + x.shape[1:]),
+                              (prevs, saved.states) + ((saved.res,) if policy == "gates" else ()))
+    (dcarry0, df), (dxs, dstates) = lax.scan(
+        chunk_body, (dcarry_T, _zeros(f)),
+        (layout.inputs(xs), layout.times(), layout.chunked(dhs), stored),
+        reverse=not opts.reverse)
+    grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
     if with_probe:
-        return dparams, dxs, dcarry0, dstates
-    return dparams, dxs, dcarry0
+        return (*grads, jax.tree.map(layout.unchunked, dstates))
+    return grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -166,15 +292,14 @@ def _bptt(cell, opts, params, xs, carry0, lengths, probe):
 
 
 def _bptt_fwd(cell, opts, params, xs, carry0, lengths, probe):
-    hs, carry_T, (states, res) = forward(cell, params, xs, carry0, lengths, opts, probe)
-    return (hs, carry_T), (params, xs, carry0, lengths, states, res)
+    hs, carry_T, saved = forward(cell, params, xs, carry0, lengths, opts, probe)
+    return (hs, carry_T), (params, xs, carry0, lengths, saved)
 
 
-def _bptt_bwd(cell, opts, saved, cotangents):
-    params, xs, carry0, lengths, states, res = saved
+def _bptt_bwd(cell, opts, residuals, cotangents):
+    params, xs, carry0, lengths, saved = residuals
     dhs, dcarry_T = cotangents
-    grads = backward(cell, params, xs, carry0, states, res, dhs, dcarry_T, lengths, opts,
-                     opts.probe)
+    grads = backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths, opts, opts.probe)
     if opts.probe:
         return (*grads[:3], None, grads[3])  # lengths are integers: no cotangent
     return (*grads, None, None)
@@ -184,22 +309,28 @@ _bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
 
 def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse, truncate,
-        time_major, probe=None):
+        time_major, probe=None, residuals="gates", chunk=None):
     """Validates the call and runs ``cell``; returns ``(hs, state_T)``.
 
     ``backward="bptt"``: the custom_vjp above (hand-derived reverse scan);
-    ``backward="autodiff"``: the same forward, differentiated by JAX.
+    ``backward="autodiff"``: the same forward, differentiated by JAX (in one chunk
+    unless ``chunk`` is given: the plain scan a user would write).
     """
     _checks.backward_mode(backward)
+    if residuals not in POLICIES:
+        raise ValueError(f"residuals must be one of {POLICIES}, got {residuals!r}")
     xs = _checks.time_major(xs, time_major)
-    _, B = _checks.sequence(xs, n_x, dtype)
+    T, B = _checks.sequence(xs, n_x, dtype)
     if state0 is None:
         state0 = cell.zero_state(B, n_a, dtype)
     cell.check_state(state0, B, n_a, dtype)
     lengths = _checks.lengths(lengths, B)
-    opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None)
+    chunk = _checks.chunk(chunk)
+    if backward == "autodiff" and chunk is None:
+        chunk = T
+    opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk)
     if probe is not None:
-        _checks.probe(probe, state0, xs.shape[0])
+        _checks.probe(probe, state0, T)
     if backward == "bptt":
         hs, state_T = _bptt(cell, opts, params, xs, state0, lengths, probe)
     else:

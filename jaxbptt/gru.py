@@ -93,114 +93,126 @@ def init_gru(key, n_x, n_a, dtype=jnp.float32, *, variant="course") -> GRUParams
     return GRUParams(W[0], zeros, W[1], zeros, W[2], zeros, bch)
 
 
-def _split_w(p):
-    """The hidden halves (each (n_a, n_a)) and [Wux; Wrx; Wcx] (3 n_a, n_x)."""
+class _CourseFused(NamedTuple):
+    Wurh: jax.Array  # (2 n_a, n_a): [Wuh; Wrh], act on a<t-1>
+    Wch: jax.Array  # (n_a, n_a): acts on Γr * a<t-1>
+    Wx: jax.Array  # (3 n_a, n_x): [Wux; Wrx; Wcx], act on all x<t> at once
+    b: jax.Array  # (3 n_a,): [bu; br; bc]
+
+
+class _CudnnFused(NamedTuple):
+    Wh: jax.Array  # (3 n_a, n_a): [Wuh; Wrh; Wch], act on a<t-1>
+    bh: jax.Array  # (3 n_a,): [0; 0; bch], the hidden-side bias
+    Wx: jax.Array  # (3 n_a, n_x)
+    b: jax.Array  # (3 n_a,)
+
+
+def _halves(p):
     n_a = p.bu.shape[0]
+    Wh = jnp.concatenate([p.Wu[:, :n_a], p.Wr[:, :n_a], p.Wc[:, :n_a]])
     Wx = jnp.concatenate([p.Wu[:, n_a:], p.Wr[:, n_a:], p.Wc[:, n_a:]])
-    return p.Wu[:, :n_a], p.Wr[:, :n_a], p.Wc[:, :n_a], Wx
+    return Wh, Wx, jnp.concatenate([p.bu, p.br, p.bc])
 
 
-def _project(p, xs):
-    return _driver.affine(xs, _split_w(p)[3], jnp.concatenate([p.bu, p.br, p.bc]))  # (T, B, 3 n_a)
+def _unfuse(Wh, Wx, b, bch):
+    dW = jnp.split(jnp.concatenate([Wh, Wx], axis=1), 3)
+    db = jnp.split(b, 3)
+    return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], bch)
 
 
-def _grads(p, xs, dz_x, dWh, dbch):
-    """GRUParams gradient from the input-side deltas [dzu, dzr, dzc] and dW*h."""
-    Wx = _split_w(p)[3]
-    dWx = jnp.split(jnp.einsum("tbg,tbj->gj", dz_x, xs), 3)
-    db = jnp.split(dz_x.sum((0, 1)), 3)
-    dW = [jnp.concatenate([h, x], axis=1) for h, x in zip(dWh, dWx)]
-    return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dbch), dz_x @ Wx
+class _GRUCell:
+    """What both variants share: the input projection and the state a<t>."""
+
+    @staticmethod
+    def project(f, xs):
+        return _driver.affine(xs, f.Wx, f.b)  # (T, B, 3 n_a): W*x x<t> + b* for all t
+
+    @staticmethod
+    def output(a):
+        return a
+
+    @staticmethod
+    def add_output(da, dh):
+        return da + dh
+
+    @staticmethod
+    def zero_state(B, n_a, dtype):
+        return jnp.zeros((B, n_a), dtype)
+
+    @staticmethod
+    def check_state(a0, B, n_a, dtype):
+        _checks.state("a0", a0, B, n_a, dtype)
 
 
-def _output(a):
-    return a
-
-
-def _add_output(da, dh):
-    return da + dh
-
-
-def _zero_state(B, n_a, dtype):
-    return jnp.zeros((B, n_a), dtype)
-
-
-def _check_state(a0, B, n_a, dtype):
-    _checks.state("a0", a0, B, n_a, dtype)
-
-
-class _CourseGRUCell:
+class _CourseGRUCell(_GRUCell):
     """Course / Cho et al. GRU: residuals (Γu, Γr, c̃)."""
 
     @staticmethod
-    def recurrent(p):
-        Wuh, Wrh, Wch, _ = _split_w(p)
-        return jnp.concatenate([Wuh, Wrh]), Wch  # (2 n_a, n_a), (n_a, n_a)
-
-    project = staticmethod(_project)
+    def fuse(p):
+        Wh, Wx, b = _halves(p)
+        n_a = p.bu.shape[0]
+        return _CourseFused(Wh[: 2 * n_a], Wh[2 * n_a:], Wx, b)
 
     @staticmethod
-    def step(rec, a_prev, zx_t):
-        Wurh, Wch = rec
+    def unfuse(p, g):
+        return _unfuse(jnp.concatenate([g.Wurh, g.Wch]), g.Wx, g.b, None)
+
+    @staticmethod
+    def step(f, a_prev, zx_t):
         zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
-        zhu, zhr = jnp.split(a_prev @ Wurh.T, 2, axis=-1)
+        zhu, zhr = jnp.split(a_prev @ f.Wurh.T, 2, axis=-1)
         gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
-        cc = jnp.tanh(zxc + (gr * a_prev) @ Wch.T)
+        cc = jnp.tanh(zxc + (gr * a_prev) @ f.Wch.T)
         return gu * cc + (1 - gu) * a_prev, (gu, gr, cc)
 
     @staticmethod
-    def step_bwd(rec, a_prev, a, res, da_next, dh):
+    def step_bwd(f, a_prev, a, res, da_next, dh):
         del a
-        Wurh, Wch = rec
         gu, gr, cc = res
         da = da_next + dh
         dzu = da * (cc - a_prev) * gu * (1 - gu)
         dzc = da * gu * (1 - cc**2)
-        dra = dzc @ Wch  # dL/d(Γr * a<t-1>)
+        dra = dzc @ f.Wch  # dL/d(Γr * a<t-1>)
         dzr = dra * a_prev * gr * (1 - gr)
         dzur = jnp.concatenate([dzu, dzr], axis=-1)
-        da_prev = da * (1 - gu) + gr * dra + dzur @ Wurh
+        da_prev = da * (1 - gu) + gr * dra + dzur @ f.Wurh
         return da_prev, jnp.concatenate([dzur, dzc], axis=-1)
 
     @staticmethod
-    def param_grads(p, xs, a_prevs, res, dz):
+    def chunk_grads(f, xs, a_prevs, res, dz):
         _, gr, _ = res
-        dzu, dzr, dzc = jnp.split(dz, 3, axis=-1)
-        dWh = (jnp.einsum("tbg,tbj->gj", dzu, a_prevs),
-               jnp.einsum("tbg,tbj->gj", dzr, a_prevs),
-               jnp.einsum("tbg,tbj->gj", dzc, gr * a_prevs))
-        return _grads(p, xs, dz, dWh, None)
-
-    output = staticmethod(_output)
-    add_output = staticmethod(_add_output)
-    zero_state = staticmethod(_zero_state)
-    check_state = staticmethod(_check_state)
+        n_a = a_prevs.shape[-1]
+        g = _CourseFused(Wurh=jnp.einsum("tbg,tbj->gj", dz[..., : 2 * n_a], a_prevs),
+                         Wch=jnp.einsum("tbg,tbj->gj", dz[..., 2 * n_a:], gr * a_prevs),
+                         Wx=jnp.einsum("tbg,tbj->gj", dz, xs),
+                         b=dz.sum((0, 1)))
+        return g, dz @ f.Wx
 
 
-class _CudnnGRUCell:
+class _CudnnGRUCell(_GRUCell):
     """cuDNN / PyTorch / Flax GRU: residuals (Γu, Γr, c̃, h̃ = Wch a<t-1> + bch)."""
 
     @staticmethod
-    def recurrent(p):
-        Wuh, Wrh, Wch, _ = _split_w(p)
-        return jnp.concatenate([Wuh, Wrh, Wch]), p.bch  # (3 n_a, n_a), (n_a,)
-
-    project = staticmethod(_project)
+    def fuse(p):
+        Wh, Wx, b = _halves(p)
+        bh = jnp.concatenate([jnp.zeros_like(p.bu), jnp.zeros_like(p.br), p.bch])
+        return _CudnnFused(Wh, bh, Wx, b)
 
     @staticmethod
-    def step(rec, a_prev, zx_t):
-        Wh, bch = rec
+    def unfuse(p, g):
+        return _unfuse(g.Wh, g.Wx, g.b, jnp.split(g.bh, 3)[2])
+
+    @staticmethod
+    def step(f, a_prev, zx_t):
         zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
-        zhu, zhr, hc = jnp.split(a_prev @ Wh.T, 3, axis=-1)
+        zhu, zhr, hc = jnp.split(_driver.affine(a_prev, f.Wh, f.bh), 3, axis=-1)
         gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
-        hc = hc + bch[None]
         cc = jnp.tanh(zxc + gr * hc)
         return gu * cc + (1 - gu) * a_prev, (gu, gr, cc, hc)
 
     @staticmethod
-    def step_bwd(rec, a_prev, a, res, da_next, dh):
+    def step_bwd(f, a_prev, a, res, da_next, dh):
         del a
-        Wh, _ = rec
         gu, gr, cc, hc = res
         da = da_next + dh
         dzu = da * (cc - a_prev) * gu * (1 - gu)
@@ -208,21 +220,17 @@ class _CudnnGRUCell:
         dzr = dzc * hc * gr * (1 - gr)
         dhc = dzc * gr
         dzh = jnp.concatenate([dzu, dzr, dhc], axis=-1)  # hidden-side deltas
-        return da * (1 - gu) + dzh @ Wh, (dzh, dzc)
+        return da * (1 - gu) + dzh @ f.Wh, (dzh, dzc)
 
     @staticmethod
-    def param_grads(p, xs, a_prevs, res, dz):
+    def chunk_grads(f, xs, a_prevs, res, dz):
         del res
         dzh, dzc = dz
-        n_a = p.bu.shape[0]
-        dWh = jnp.split(jnp.einsum("tbg,tbj->gj", dzh, a_prevs), 3)
-        dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)
-        return _grads(p, xs, dz_x, dWh, dzh[..., 2 * n_a:].sum((0, 1)))
-
-    output = staticmethod(_output)
-    add_output = staticmethod(_add_output)
-    zero_state = staticmethod(_zero_state)
-    check_state = staticmethod(_check_state)
+        n_a = a_prevs.shape[-1]
+        dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)  # [dzu; dzr; dzc]
+        g = _CudnnFused(Wh=jnp.einsum("tbg,tbj->gj", dzh, a_prevs), bh=dzh.sum((0, 1)),
+                        Wx=jnp.einsum("tbg,tbj->gj", dz_x, xs), b=dz_x.sum((0, 1)))
+        return g, dz_x @ f.Wx
 
 
 GRU_CELLS = {"course": _CourseGRUCell(), "cudnn": _CudnnGRUCell()}
@@ -246,7 +254,7 @@ def gru_variant(params: GRUParams, variant=None) -> str:
 
 def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
         lengths=None, reverse: bool = False, truncate=None, time_major: bool = True,
-        probe=None):
+        probe=None, residuals: str = "gates", chunk=None):
     """Runs the GRU over a sequence.
 
     Args:
@@ -266,6 +274,11 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
       probe: optional zeros shaped like the states over time (T, B, n_a),
         added to the state after every step; its gradient is dL/d(state<t>) for
         every t (see `jaxbptt.gradflow`).
+      residuals: what the forward keeps for ``backward="bptt"``: ``"gates"`` (states
+        and gate activations), ``"states"`` (states; gates recomputed chunk by
+        chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
+        chunk's forward rerun in the backward). Same gradients, less memory.
+      chunk: steps per chunk of the loops (default 8; sqrt(T) for "checkpoint").
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -274,4 +287,5 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
     n_a, n_x, dtype = _checks.params(params, _spec(variant))
     return _driver.run(GRU_CELLS[variant], params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major, probe=probe)
+                       truncate=truncate, time_major=time_major, probe=probe,
+                       residuals=residuals, chunk=chunk)

@@ -74,28 +74,36 @@ def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParam
     return LSTMParams(W[0], zeros + forget_bias, W[1], zeros, W[2], zeros, W[3], zeros)
 
 
-def _fused(p):
-    """[Wf; Wi; Wc; Wo] (4 n_a, n_a + n_x) and [bf; bi; bc; bo] (4 n_a,)."""
-    return (jnp.concatenate([p.Wf, p.Wi, p.Wc, p.Wo]),
-            jnp.concatenate([p.bf, p.bi, p.bc, p.bo]))
+class _Fused(NamedTuple):
+    """The four gates stacked [f; i; c; o], split into hidden and input halves."""
+
+    Wh: jax.Array  # (4 n_a, n_a), acts on a<t-1> inside the loop
+    Wx: jax.Array  # (4 n_a, n_x), acts on all x<t> at once
+    b: jax.Array  # (4 n_a,)
 
 
 class _LSTMCell:
     """The LSTM for the driver: carry LSTMState, residuals the four gates."""
 
     @staticmethod
-    def recurrent(p):
+    def fuse(p):
         n_a = p.bf.shape[0]
-        return _fused(p)[0][:, :n_a]  # Wh (4 n_a, n_a)
+        W = jnp.concatenate([p.Wf, p.Wi, p.Wc, p.Wo])
+        return _Fused(W[:, :n_a], W[:, n_a:], jnp.concatenate([p.bf, p.bi, p.bc, p.bo]))
 
     @staticmethod
-    def project(p, xs):
-        W, b = _fused(p)
-        return _driver.affine(xs, W[:, p.bf.shape[0]:], b)  # (T, B, 4 n_a)
+    def unfuse(p, g):
+        dW = jnp.split(jnp.concatenate([g.Wh, g.Wx], axis=1), 4)
+        db = jnp.split(g.b, 4)
+        return LSTMParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dW[3], db[3])
 
     @staticmethod
-    def step(Wh, s, zx_t):
-        z = zx_t + s.a @ Wh.T
+    def project(f, xs):
+        return _driver.affine(xs, f.Wx, f.b)  # (T, B, 4 n_a): W*x x<t> + b* for all t
+
+    @staticmethod
+    def step(f, s, zx_t):
+        z = zx_t + s.a @ f.Wh.T
         zf, zi, zc, zo = jnp.split(z, 4, axis=-1)
         gf, gi, cc, go = jax.nn.sigmoid(zf), jax.nn.sigmoid(zi), jnp.tanh(zc), jax.nn.sigmoid(zo)
         c = gf * s.c + gi * cc
@@ -103,7 +111,7 @@ class _LSTMCell:
         return LSTMState(a, c), (gf, gi, cc, go)
 
     @staticmethod
-    def step_bwd(Wh, prev, s, gates, ds_next, dh):
+    def step_bwd(f, prev, s, gates, ds_next, dh):
         gf, gi, cc, go = gates
         da = ds_next.a + dh  # dL/da<t>: through step t+1, and as an output
         tc = jnp.tanh(s.c)
@@ -113,19 +121,15 @@ class _LSTMCell:
         dzi = dc * cc * gi * (1 - gi)
         dzf = dc * prev.c * gf * (1 - gf)
         dz = jnp.concatenate([dzf, dzi, dzc, dzo], axis=-1)  # (B, 4 n_a)
-        return LSTMState(a=dz @ Wh, c=dc * gf), dz
+        return LSTMState(a=dz @ f.Wh, c=dc * gf), dz
 
     @staticmethod
-    def param_grads(p, xs, prevs, gates, dz):
+    def chunk_grads(f, xs, prevs, gates, dz):
         del gates
-        n_a = p.bf.shape[0]
-        W, _ = _fused(p)
-        dWh = jnp.einsum("tbg,tbj->gj", dz, prevs.a)  # (4 n_a, n_a)
-        dWx = jnp.einsum("tbg,tbj->gj", dz, xs)  # (4 n_a, n_x)
-        dW = jnp.split(jnp.concatenate([dWh, dWx], axis=1), 4)
-        db = jnp.split(dz.sum((0, 1)), 4)
-        grads = LSTMParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], dW[3], db[3])
-        return grads, dz @ W[:, n_a:]
+        g = _Fused(Wh=jnp.einsum("tbg,tbj->gj", dz, prevs.a),  # sum_t dz [a<t-1>; x<t>]^T
+                   Wx=jnp.einsum("tbg,tbj->gj", dz, xs),
+                   b=dz.sum((0, 1)))
+        return g, dz @ f.Wx
 
     @staticmethod
     def output(s):
@@ -153,7 +157,7 @@ LSTM_CELL = _LSTMCell()
 
 def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths=None,
          reverse: bool = False, truncate=None, time_major: bool = True,
-         probe=None):
+         probe=None, residuals: str = "gates", chunk=None):
     """Runs the LSTM over a sequence.
 
     Args:
@@ -171,6 +175,11 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
       probe: optional zeros shaped like the states over time, an `LSTMState` of two
         (T, B, n_a) arrays, added to the state after every step; its gradient is dL/d(state<t>) for
         every t (see `jaxbptt.gradflow`).
+      residuals: what the forward keeps for ``backward="bptt"``: ``"gates"`` (states
+        and gate activations), ``"states"`` (states; gates recomputed chunk by
+        chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
+        chunk's forward rerun in the backward). Same gradients, less memory.
+      chunk: steps per chunk of the loops (default 8; sqrt(T) for "checkpoint").
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
@@ -179,4 +188,5 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(LSTM_CELL, params, xs, state0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major, probe=probe)
+                       truncate=truncate, time_major=time_major, probe=probe,
+                       residuals=residuals, chunk=chunk)

@@ -48,32 +48,35 @@ class _RNNCell:
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
     @staticmethod
-    def recurrent(p):
-        return p.Waa
+    def fuse(p):
+        return p
+
+    @staticmethod
+    def unfuse(p, g):
+        return g
 
     @staticmethod
     def project(p, xs):
         return _driver.affine(xs, p.Wax, p.ba)  # (T, B, n_a): Wax x<t> + ba for all t
 
     @staticmethod
-    def step(Waa, a_prev, zx_t):
-        return jnp.tanh(zx_t + a_prev @ Waa.T), ()
+    def step(p, a_prev, zx_t):
+        return jnp.tanh(zx_t + a_prev @ p.Waa.T), ()
 
     @staticmethod
-    def step_bwd(Waa, a_prev, a, res, da_next, dh):
+    def step_bwd(p, a_prev, a, res, da_next, dh):
         del a_prev, res
         da = da_next + dh  # dL/da<t>: through a<t+1>, and as an output
         dz = (1 - a**2) * da
-        return dz @ Waa, dz
+        return dz @ p.Waa, dz
 
     @staticmethod
-    def param_grads(p, xs, a_prevs, res, dz):
+    def chunk_grads(p, xs, a_prevs, res, dz):
         del res
-        grads = RNNParams(
-            Wax=jnp.einsum("tbi,tbj->ij", dz, xs),
-            Waa=jnp.einsum("tbi,tbj->ij", dz, a_prevs),
-            ba=dz.sum((0, 1)))
-        return grads, dz @ p.Wax
+        g = RNNParams(Wax=jnp.einsum("tbi,tbj->ij", dz, xs),
+                      Waa=jnp.einsum("tbi,tbj->ij", dz, a_prevs),
+                      ba=dz.sum((0, 1)))
+        return g, dz @ p.Wax
 
     @staticmethod
     def output(a):
@@ -97,7 +100,7 @@ RNN_CELL = _RNNCell()
 
 def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         reverse: bool = False, truncate=None, time_major: bool = True,
-        probe=None):
+        probe=None, residuals: str = "gates", chunk=None):
     """Runs the tanh RNN over a sequence.
 
     Args:
@@ -115,6 +118,11 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
       probe: optional zeros shaped like the states over time (T, B, n_a),
         added to the state after every step; its gradient is dL/d(state<t>) for
         every t (see `jaxbptt.gradflow`).
+      residuals: what the forward keeps for ``backward="bptt"``: ``"gates"`` (states
+        and gate activations), ``"states"`` (states; gates recomputed chunk by
+        chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
+        chunk's forward rerun in the backward). Same gradients, less memory.
+      chunk: steps per chunk of the loops (default 8; sqrt(T) for "checkpoint").
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -122,4 +130,5 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(RNN_CELL, params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
-                       truncate=truncate, time_major=time_major, probe=probe)
+                       truncate=truncate, time_major=time_major, probe=probe,
+                       residuals=residuals, chunk=chunk)

@@ -1,0 +1,82 @@
+"""Every residual policy and chunk size gives the same gradients; the default saves memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbptt as jb
+from cells import CELLS, cotangents, make, rel_err
+
+
+def _grads(fn, args, cts, **kw):
+    def both(args, cts):
+        out, pull = jax.vjp(lambda *a: fn(*a, **kw), *args)
+        return out, pull(cts)
+    return jax.jit(both)(args, cts)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 11])
+@pytest.mark.parametrize("residuals", jb.RESIDUAL_POLICIES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_policies_equal_autodiff(cell, residuals, chunk):
+    fn, params, xs, state0 = make(cell, 11, 3, 2, 4)
+    cts = cotangents(fn, params, xs, state0)
+    ref = _grads(fn, (params, xs, state0), cts, backward="autodiff")
+    got = _grads(fn, (params, xs, state0), cts, residuals=residuals, chunk=chunk)
+    assert rel_err(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("residuals", jb.RESIDUAL_POLICIES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
+    T = 10
+    fn, params, xs, state0 = make(cell, T, 4, 2, 3)
+    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
+    xs = xs.at[7:, 1].set(jnp.inf)  # padding of row 1 holds garbage
+    kw = dict(lengths=jnp.asarray([10, 7, 0, 3]), reverse=True, truncate=3)
+    cts = cotangents(fn, params, xs, state0)
+
+    def f(params, xs, state0, probe, **extra):
+        return fn(params, xs, state0, probe=probe, **kw, **extra)
+
+    ref = _grads(f, (params, xs, state0, probe), cts, backward="autodiff")
+    got = _grads(f, (params, xs, state0, probe), cts, residuals=residuals, chunk=4)
+    assert rel_err(got, ref) < 1e-12
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
+
+
+def test_unknown_policy_and_bad_chunk():
+    fn, params, xs, state0 = make("lstm", 5, 2, 3, 4)
+    with pytest.raises(ValueError, match="residuals must be one of"):
+        fn(params, xs, state0, residuals="all")
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        fn(params, xs, state0, chunk=0)
+
+
+def _temp_bytes(fn, params, xs, **kw):
+    loss = lambda p, x: jnp.sum(fn(p, x, **kw)[0])  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_default_policy_keeps_less_than_autodiff(cell):
+    # A property of the compiled programs (XLA's buffer assignment), not a timing.
+    fn, params, xs, _ = make(cell, 128, 16, 32, 64, dtype=np.float32)
+    manual = _temp_bytes(fn, params, xs)
+    auto = _temp_bytes(fn, params, xs, backward="autodiff")
+    assert manual < auto, (manual, auto)
+
+
+def test_checkpoint_memory_grows_sublinearly():
+    fn, params, _, _ = make("lstm", 1, 8, 16, 32, dtype=np.float32)
+    mem = {}
+    for T in (256, 1024):
+        xs = jnp.zeros((T, 8, 16), jnp.float32)
+
+        def loss(p, x):  # a loss on the final state: no (T, B, n_a) output cotangent to keep
+            return jnp.sum(fn(p, x, residuals="checkpoint")[1].a)
+        mem[T] = jax.jit(jax.grad(loss)).lower(params, xs).compile().memory_analysis()
+        mem[T] = mem[T].temp_size_in_bytes
+    assert mem[1024] < 3.0 * mem[256], mem  # linear growth would be 4x
