@@ -20,5 +20,6 @@ from jaxbptt.stack import Bidirectional as Bidirectional
 from jaxbptt.stack import detach as detach
 from jaxbptt.stack import split_stream as split_stream
 from jaxbptt.stack import stack as stack
+from jaxbptt import interop as interop  # noqa: E402  (torch/flax imported lazily)
 
 __version__ = "0.1.0"

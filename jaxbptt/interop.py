@@ -5,14 +5,15 @@ PyTorch: ``from_torch(module)`` turns a ``torch.nn.RNN`` (tanh), ``LSTM`` or
 tuple of `jaxbptt.stack` (a cell's params per layer, or a `Bidirectional` pair
 built from the ``*_reverse`` weights); ``to_torch(layers, module)`` writes them
 back. Per layer ``l`` (and direction), with W_i* / W_h* the gate's rows of
-``weight_ih_l{l}`` / ``weight_hh_l{l}`` and b_i* / b_h* those of the biases::
+``weight_ih_l{l}`` / ``weight_hh_l{l}`` (stacked i, f, g, o for the LSTM and
+r, z, n for the GRU) and b_i* / b_h* those of ``bias_ih_l{l}`` / ``bias_hh_l{l}``::
 
-    RNN   Wax = weight_ih          Waa = weight_hh        ba = b_ih + b_hh
-    LSTM  W* = [W_h*, W_i*]        b* = b_i* + b_h*       (torch rows i, f, g, o;
-          * = f, i, o;  Wc, bc from g)                    our Wc/bc is its g)
-    GRU   Wu = -[W_hz, W_iz]       bu = -(b_iz + b_hz)    (torch rows r, z, n;
-          Wr =  [W_hr, W_ir]       br =   b_ir + b_hr      its z = 1 - Γu, and
-          Wc =  [W_hn, W_in]       bc =   b_in, bch = b_hn  1 - σ(v) = σ(-v))
+    RNN   Wax = weight_ih_l{l}    Waa = weight_hh_l{l}    ba = b_ih + b_hh
+    LSTM  Wi = [W_hi, W_ii]       bi = b_ii + b_hi        (likewise Wf, bf from f
+          Wc = [W_hg, W_ig]       bc = b_ig + b_hg         and Wo, bo from o)
+    GRU   Wu = -[W_hz, W_iz]      bu = -(b_iz + b_hz)     (torch's z is 1 - Γu,
+          Wr =  [W_hr, W_ir]      br = b_ir + b_hr         and 1 - σ(v) = σ(-v))
+          Wc =  [W_hn, W_in]      bc = b_in               bch = b_hn
 
 torch keeps two biases per gate where jaxbptt keeps one, so ``to_torch`` keeps
 the module's ``bias_hh`` and writes ``bias_ih = ours - bias_hh`` (the GRU's
@@ -87,8 +88,8 @@ def _torch_arch(module, where):
         raise ValueError(f"{where}: batch_first=True is not supported: jaxbptt is time-major "
                          "(jb.stack takes xs as (T, B, n_x), PyTorch's batch_first=False "
                          "layout; jb.rnn/lstm/gru also accept time_major=False). Build the "
-                         "module with batch_first=False (its weights are the same) or set "
-                         "module.batch_first = False and transpose xs yourself")
+                         "module with batch_first=False (its weights are the same: "
+                         "load_state_dict from this one) and transpose xs")
     dtypes = {p.dtype for p in module.parameters()}
     if len(dtypes) != 1:
         raise TypeError(f"{where}: the module mixes parameter dtypes {sorted(map(str, dtypes))}")

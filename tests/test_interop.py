@@ -187,9 +187,9 @@ def _assert_close(actual, ref, tol, what):
 
 # (kind, num_layers, D, bias): every cell uni- and bidirectional, 1 to 3 layers, with and
 # without biases (kept few: each case compiles a stack's forward and both backwards).
-STACK_CASES = [("rnn", 1, 1, True), ("rnn", 3, 2, True),
-               ("lstm", 2, 2, True), ("lstm", 3, 1, True),
-               ("gru", 1, 2, True), ("gru", 2, 2, False)]
+STACK_CASES = [("rnn", 1, 1, True), ("rnn", 2, 2, True),
+               ("lstm", 1, 2, True), ("lstm", 3, 1, True),
+               ("gru", 1, 1, False), ("gru", 2, 2, True)]
 
 
 @pytest.mark.parametrize("kind,num_layers,D,bias", STACK_CASES,
@@ -262,9 +262,8 @@ def test_from_torch_to_torch_is_identity(torch, kind):
     module = make_module(kind, 3, True, seed=2)
     back = interop.from_torch(interop.to_torch(layers, module))
     assert jax.tree.structure(back) == jax.tree.structure(layers)
-    for path, b in jax.tree_util.tree_leaves_with_path(back):
-        ref = functools.reduce(lambda x, k: x[k.idx] if hasattr(k, "idx") else getattr(x, k.name),
-                               path, layers)
+    for (path, b), ref in zip(jax.tree_util.tree_leaves_with_path(back),
+                              jax.tree.leaves(layers), strict=True):
         name = jax.tree_util.keystr(path)
         assert b.dtype == ref.dtype, name
         if ".W" in name:
@@ -298,10 +297,10 @@ def test_to_torch_casts_to_module_dtype(torch):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_same_architecture_same_structure(torch, kind):
-    trees = [interop.from_torch(make_module(kind, 2, bi, seed=seed, bias=bias))
-             for seed, bias in ((0, True), (1, True), (2, False)) for bi in (True,)]
-    structures = {jax.tree.structure(t) for t in trees}
-    assert len(structures) == 1
+    # Different weights (seeds), with or without biases: one structure, one leaf layout.
+    trees = [interop.from_torch(make_module(kind, 2, True, seed=seed, bias=bias))
+             for seed, bias in ((0, True), (1, True), (2, False))]
+    assert len({jax.tree.structure(t) for t in trees}) == 1
     shapes = [[(x.shape, x.dtype) for x in jax.tree.leaves(t)] for t in trees]
     assert shapes[0] == shapes[1] == shapes[2]
     layer = trees[0][1]
@@ -411,10 +410,11 @@ def _flax_case(nn, name, attrs, seed=0):
     rnn = nn.RNN(cell, return_carry=True)
     rng = np.random.default_rng(seed)
     xs = jnp.asarray(rng.normal(size=(B, T, N_X)))
-    params = rnn.init(jax.random.PRNGKey(seed), xs, seq_lengths=jnp.asarray(LENGTHS))["params"]
+    carry = cell.initialize_carry(jax.random.PRNGKey(0), (B, N_X))
+    # nn.RNN(cell) keeps the cell's params under "cell"; one step of the cell makes them.
+    params = {"cell": cell.init(jax.random.PRNGKey(seed), carry, xs[:, 0])["params"]}
     params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape)), params)
-    carry0 = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape)),
-                          cell.initialize_carry(jax.random.PRNGKey(0), (B, N_X)))
+    carry0 = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape)), carry)
     return cell, rnn, params, xs, carry0
 
 
@@ -462,9 +462,8 @@ def test_matches_flax_rnn(nn, name, attrs):
     assert rel_err(jcarry, fcarry) <= FWD_TOL, "final carry"
     assert abs(float(jl - fl)) <= FWD_TOL * abs(float(fl))
     assert jax.tree.structure(jgrads) == jax.tree.structure(fgrads)
-    for path, jg in jax.tree_util.tree_leaves_with_path(jgrads):
-        fg = functools.reduce(lambda x, k: x[k.idx] if hasattr(k, "idx") else x[k.key], path,
-                              fgrads)
+    for (path, jg), fg in zip(jax.tree_util.tree_leaves_with_path(jgrads),
+                              jax.tree.leaves(fgrads), strict=True):
         where = jax.tree_util.keystr(path)
         assert np.max(np.abs(fg)) > 0, f"{where}: vacuous"
         assert rel_err(jg, fg) <= GRAD_TOL, f"{name} d{where}: {rel_err(jg, fg):.3g}"
@@ -486,17 +485,18 @@ def test_flax_round_trips(nn, name, attrs):
     q = random_params(kind, N_X, N_A, seed=2)
     q2 = interop.from_flax(interop.to_flax(q, cell), cell)
     assert type(q2) is type(q) and rel_err(q2, q) <= tol
-    xs = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, N_X)))
-    carry = cell.initialize_carry(jax.random.PRNGKey(0), (B, N_X))
-    _, out = rnn.apply({"params": {"cell": interop.to_flax(q, cell)["params"]}}, xs,
-                       initial_carry=carry)
-    hs, _ = _jb_fn(name)(q, xs, time_major=False)
-    assert rel_err(hs, out) <= FWD_TOL
+    if attrs.get("residual"):  # not in test_matches_flax_rnn: check the forward here
+        xs = jnp.asarray(np.random.default_rng(3).normal(size=(B, T, N_X)))
+        carry = cell.initialize_carry(jax.random.PRNGKey(0), (B, N_X))
+        _, out = rnn.apply({"params": {"cell": interop.to_flax(q, cell)["params"]}}, xs,
+                           initial_carry=carry)
+        hs, _ = _jb_fn(name)(q, xs, time_major=False)
+        assert rel_err(hs, out) <= FWD_TOL
 
 
 def test_flax_errors(nn):
-    cell, _, params, _, _ = _flax_case(nn, "GRUCell", {})
-    p = params["cell"]
+    cell = nn.GRUCell(features=N_A)
+    p = interop.to_flax(random_params("gru-cudnn", N_X, N_A), cell)["params"]
     with pytest.raises(TypeError, match=r"unsupported flax cell MGUCell"):
         interop.from_flax(p, nn.MGUCell(features=N_A))
     with pytest.raises(ValueError, match=r"activation_fn=.* is not supported"):
