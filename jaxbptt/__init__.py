@@ -1,7 +1,7 @@
 """jaxbptt: backpropagation through time for RNN, LSTM and GRU, derived by hand."""
 
+from jaxbptt import interop as interop  # torch and flax are imported lazily
 from jaxbptt._driver import POLICIES as RESIDUAL_POLICIES
-
 from jaxbptt.gru import GRUParams as GRUParams
 from jaxbptt.gru import gru as gru
 from jaxbptt.gru import init_gru as init_gru
@@ -20,6 +20,5 @@ from jaxbptt.stack import Bidirectional as Bidirectional
 from jaxbptt.stack import detach as detach
 from jaxbptt.stack import split_stream as split_stream
 from jaxbptt.stack import stack as stack
-from jaxbptt import interop as interop  # noqa: E402  (torch/flax imported lazily)
 
 __version__ = "0.1.0"

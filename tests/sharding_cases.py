@@ -184,7 +184,7 @@ def collectives(hlo):
         base = op[:-len("-start")] if op.endswith("-start") else op
         if base in COLLECTIVES:
             operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-            groups = re.search(r"replica_groups=(\S+(?: \{[^}]*\})?)", rest)
+            groups = re.search(r"replica_groups=(.*?)(?:, [a-z_]+=|$)", rest)
             found.append({"op": base, "name": name, "computation": computation, "entry": entry,
                           "replica_groups": groups.group(1) if groups else None,
                           "shapes": defined[name],
@@ -332,6 +332,30 @@ def shard_map_replicated_params(mesh):
     return rows
 
 
+def explicit_mesh(cases):
+    """jit(grad) on a mesh from ``jax.make_mesh`` with its default axis types.
+
+    In jax 0.10 those are ``Explicit`` (sharding in types): every op must be able
+    to tell its output sharding, and a contraction over the sharded batch axis has
+    to be told (``out_sharding=``).
+    """
+    mesh = jax.make_mesh((len(jax.devices()),), ("batch",))
+    rows = []
+    for name, backward in cases:
+        pb = Problem(name)
+        row = {"model": name, "backward": backward, "axis_types": str(mesh.axis_types),
+               "error": None, "grad_rel_err": None}
+        try:
+            _, got = jax.jit(step_fn(pb, backward))(*put(pb.args(), pb.specs(), mesh))
+        except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        else:
+            row["grad_rel_err"] = rel_err(got, reference(pb, backward)[1])
+            row["dxs_batch_sharded"] = _is(got[1].sharding, mesh, BATCH, 3)
+        rows.append(row)
+    return rows
+
+
 def vmap_sweeps(mesh, names):
     """Check 4: vmap over ENSEMBLE parameter sets vs a Python loop; then with the batch sharded.
 
@@ -391,6 +415,8 @@ def report(n_dev):
         + shard_map_explicit(mesh, ("lstm",), modes=("bptt",), check_vma=False),
         "shard_map_replicated_params": shard_map_replicated_params(mesh),
         "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
+        "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
+                                        ("gru-course", "bptt"))),
     }
 
 
