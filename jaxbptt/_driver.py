@@ -97,6 +97,47 @@ def affine(x, W, b):
     return x @ W.T + b.reshape((1,) * (x.ndim - 1) + b.shape)
 
 
+def contract_rows(subscripts, a, b):
+    """``jnp.einsum`` summing over time and batch rows: a weight gradient.
+
+    On a mesh with Explicit axes (``jax.make_mesh``'s default) the rows may be
+    sharded; the result is then asked for replicated, which is an all-reduce.
+    """
+    sharding = jax.typeof(a).sharding
+    if any(axis is not None for axis in getattr(sharding, "spec", ())):
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jnp.einsum(subscripts, a, b, out_sharding=out)
+    return jnp.einsum(subscripts, a, b)
+
+
+def _vma(x):
+    """The shard_map axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.8
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()) or ())
+
+
+def _match_vma(cotangents, primals):
+    """Inside ``shard_map``: sum a cotangent over the mesh axes its primal does not vary on.
+
+    A replicated (invariant) parameter used with batch-varying data gets a varying
+    gradient from the hand-written backward; JAX's own autodiff would psum it (the
+    transpose of the implicit ``pvary``), so the custom_vjp does too.
+    """
+    def fix(ct, x):
+        extra = tuple(sorted(_vma(ct) - _vma(x)))
+        return jax.lax.psum(ct, extra) if extra else ct
+    return jax.tree.map(fix, cotangents, primals)
+
+
+def _varying_like(tree, x):
+    """``tree`` cast to vary over the same shard_map axes as ``x`` (no-op outside one)."""
+    def cast(t):
+        missing = tuple(sorted(_vma(x) - _vma(t)))
+        return jax.lax.pcast(t, missing, to="varying") if missing else t
+    return jax.tree.map(cast, tree)
+
+
 def _where(mask, new, old):
     """Row-wise select over a pytree of (B, ...) arrays: ``new`` where mask (B,) holds."""
     return jax.tree.map(
@@ -276,7 +317,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         stored = jax.tree.map(lambda x: x.reshape((layout.n, layout.K) + x.shape[1:]),
                               (prevs, saved.states) + ((saved.res,) if policy == "gates" else ()))
     (dcarry0, df), (dxs, dstates) = lax.scan(
-        chunk_body, (dcarry_T, _zeros(f)),
+        chunk_body, (dcarry_T, _varying_like(_zeros(f), xs)),
         (layout.inputs(xs), layout.times(), layout.chunked(dhs), stored),
         reverse=not opts.reverse)
     grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
@@ -300,6 +341,7 @@ def _bptt_bwd(cell, opts, residuals, cotangents):
     params, xs, carry0, lengths, saved = residuals
     dhs, dcarry_T = cotangents
     grads = backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths, opts, opts.probe)
+    grads = (*_match_vma(grads[:3], (params, xs, carry0)), *grads[3:])
     if opts.probe:
         return (*grads[:3], None, grads[3])  # lengths are integers: no cotangent
     return (*grads, None, None)
@@ -321,8 +363,10 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         raise ValueError(f"residuals must be one of {POLICIES}, got {residuals!r}")
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
-    if state0 is None:
-        state0 = cell.zero_state(B, n_a, dtype)
+    if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
+        rows = jnp.zeros_like(xs[0, :, :1])
+        state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
+                              cell.zero_state(B, n_a, dtype))
     cell.check_state(state0, B, n_a, dtype)
     lengths = _checks.lengths(lengths, B)
     chunk = _checks.chunk(chunk)

@@ -182,9 +182,9 @@ class _CourseGRUCell(_GRUCell):
     def chunk_grads(f, xs, a_prevs, res, dz):
         _, gr, _ = res
         n_a = a_prevs.shape[-1]
-        g = _CourseFused(Wurh=jnp.einsum("tbg,tbj->gj", dz[..., : 2 * n_a], a_prevs),
-                         Wch=jnp.einsum("tbg,tbj->gj", dz[..., 2 * n_a:], gr * a_prevs),
-                         Wx=jnp.einsum("tbg,tbj->gj", dz, xs),
+        g = _CourseFused(Wurh=_driver.contract_rows("tbg,tbj->gj", dz[..., : 2 * n_a], a_prevs),
+                         Wch=_driver.contract_rows("tbg,tbj->gj", dz[..., 2 * n_a:], gr * a_prevs),
+                         Wx=_driver.contract_rows("tbg,tbj->gj", dz, xs),
                          b=dz.sum((0, 1)))
         return g, dz @ f.Wx
 
@@ -228,8 +228,8 @@ class _CudnnGRUCell(_GRUCell):
         dzh, dzc = dz
         n_a = a_prevs.shape[-1]
         dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)  # [dzu; dzr; dzc]
-        g = _CudnnFused(Wh=jnp.einsum("tbg,tbj->gj", dzh, a_prevs), bh=dzh.sum((0, 1)),
-                        Wx=jnp.einsum("tbg,tbj->gj", dz_x, xs), b=dz_x.sum((0, 1)))
+        g = _CudnnFused(Wh=_driver.contract_rows("tbg,tbj->gj", dzh, a_prevs), bh=dzh.sum((0, 1)),
+                        Wx=_driver.contract_rows("tbg,tbj->gj", dz_x, xs), b=dz_x.sum((0, 1)))
         return g, dz_x @ f.Wx
 
 

@@ -126,8 +126,8 @@ class _LSTMCell:
     @staticmethod
     def chunk_grads(f, xs, prevs, gates, dz):
         del gates
-        g = _Fused(Wh=jnp.einsum("tbg,tbj->gj", dz, prevs.a),  # sum_t dz [a<t-1>; x<t>]^T
-                   Wx=jnp.einsum("tbg,tbj->gj", dz, xs),
+        g = _Fused(Wh=_driver.contract_rows("tbg,tbj->gj", dz, prevs.a),  # sum_t dz [a<t-1>; x<t>]^T
+                   Wx=_driver.contract_rows("tbg,tbj->gj", dz, xs),
                    b=dz.sum((0, 1)))
         return g, dz @ f.Wx
 

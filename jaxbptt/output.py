@@ -78,7 +78,7 @@ def _xent_bwd(saved, g):
     y = jax.nn.one_hot(labels, logp.shape[-1], dtype=logp.dtype)
     dz = (g * weights)[..., None] * (jnp.exp(logp) - y)  # ŷ - y
     lead = tuple(range(dz.ndim - 1))
-    grads = OutputParams(Wya=jnp.tensordot(dz, hs, axes=(lead, lead)), by=dz.sum(lead))
+    grads = OutputParams(Wya=_driver.contract_rows("...y,...a->ya", dz, hs), by=dz.sum(lead))
     return grads, dz @ params.Wya, None, g * nll
 
 

@@ -73,8 +73,8 @@ class _RNNCell:
     @staticmethod
     def chunk_grads(p, xs, a_prevs, res, dz):
         del res
-        g = RNNParams(Wax=jnp.einsum("tbi,tbj->ij", dz, xs),
-                      Waa=jnp.einsum("tbi,tbj->ij", dz, a_prevs),
+        g = RNNParams(Wax=_driver.contract_rows("tbi,tbj->ij", dz, xs),
+                      Waa=_driver.contract_rows("tbi,tbj->ij", dz, a_prevs),
                       ba=dz.sum((0, 1)))
         return g, dz @ p.Wax
 
