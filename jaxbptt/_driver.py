@@ -368,6 +368,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
                               cell.zero_state(B, n_a, dtype))
     cell.check_state(state0, B, n_a, dtype)
+    state0 = _varying_like(state0, xs)  # inside shard_map the carry varies like xs
     lengths = _checks.lengths(lengths, B)
     chunk = _checks.chunk(chunk)
     if backward == "autodiff" and chunk is None:

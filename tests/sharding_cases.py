@@ -20,9 +20,11 @@ import os
 import re
 import sys
 
-# Shapes: small (compile time dominates), and chosen so that T, B, T*B and B/N
-# appear in no parameter shape: n_a = 5, n_x = 3 give params of sizes 5, 8, 15, 20.
-T, B, N_X, N_A = 7, 16, 3, 5
+# Shapes: small (compile time dominates). T = 19 spans three of the driver's
+# 8-step chunks (the last one padded). B, B/4 = 12 and B/8 = 6 appear in no
+# parameter or ensemble shape (n_a = 5, n_x = 3: sizes 3, 5, 8, 10, 15, 20; 4 and
+# 8 members), so a collective on an array with a batch-sized axis is recognised.
+T, B, N_X, N_A = 19, 48, 3, 5
 ENSEMBLE = 8
 TOL = 1e-12
 
@@ -70,11 +72,17 @@ def _rng_like(tree, seed):
 
 
 class Problem:
-    """A model, its inputs, cotangent weights and the specs of every argument."""
+    """A model, its inputs, cotangent weights and the specs of every argument.
+
+    ``name`` is a cell of ``cells.CELLS`` or ``"stack"``, optionally with a residual
+    policy of the bptt driver: ``"lstm:checkpoint"``.
+    """
 
     def __init__(self, name):
         self.name = name
         self.lengths = None
+        name, _, policy = name.partition(":")
+        extra = {"residuals": policy} if policy else {}
         if name == "stack":
             # 2 bidirectional LSTM layers, ragged lengths: exercises reverse + lengths.
             fwd = [make("lstm", T, B, n_x, N_A, seed=s)[1] for s, n_x in ((0, N_X), (1, 2 * N_A))]
@@ -94,7 +102,8 @@ class Problem:
             self.state_spec = jax.tree.map(lambda _: ROWS, self.state0)
 
             def fn(params, xs, state0, lengths, backward):
-                return cell_fn(params, xs, state0, lengths=lengths, backward=backward)
+                kw = extra if backward == "bptt" else {}
+                return cell_fn(params, xs, state0, lengths=lengths, backward=backward, **kw)
         self.fn = fn
         out = jax.eval_shape(lambda p, x, s, n: fn(p, x, s, n, "bptt"),
                              self.params, self.xs, self.state0, self.lengths)
@@ -192,20 +201,23 @@ def collectives(hlo):
     return found
 
 
-def activation_like(shape, n_dev):
-    """A T-leading-and-batch-wide array (T, B or B/N, .) or a flattened (T*B, .) one."""
-    widths = {B, B // n_dev}
-    if any(d in (T * B, T * B // n_dev) for d in shape):
-        return True
-    return T in shape and any(d in widths for d in shape) and len(shape) >= 2
+def batch_indexed(shape, n_dev):
+    """An array with a batch axis, full (B) or local (B/N), or one flattened to rows*B.
+
+    In data parallelism nothing indexed by the batch should cross devices: states,
+    activations, residuals, their gradients. Parameter-shaped arrays have none of
+    these sizes (see the shapes above); rows: T, 8 (a chunk) and 24 (T padded to chunks).
+    """
+    sizes = {r * b for r in (1, T, 8, 24) for b in (B, B // n_dev)}
+    return any(d in sizes for d in shape)
 
 
 def hlo_summary(compiled, n_dev):
     colls = collectives(compiled.as_text())
     gathers_full = [c for c in colls if c["op"] == "all-gather" and any(
-        T in s and B in s for s in c["shapes"] + c["operand_shapes"])]
-    big = [c for c in colls if any(activation_like(s, n_dev)
-                                   for s in c["shapes"] + c["operand_shapes"])]
+        B in s for s in c["shapes"] + c["operand_shapes"])]
+    batched = [c for c in colls if any(batch_indexed(s, n_dev)
+                                       for s in c["shapes"] + c["operand_shapes"])]
     reduced = [c for c in colls if c["op"] == "all-reduce"]
     return {
         "collectives": sorted({f"{c['op']} {c['shapes']}" for c in colls}),
@@ -216,7 +228,7 @@ def hlo_summary(compiled, n_dev):
         "collectives_outside_entry": [c for c in colls if not c["entry"]],
         "all_gathers": [c["shapes"] for c in colls if c["op"] == "all-gather"],
         "full_batch_all_gathers": gathers_full,
-        "activation_sized_collectives": big,
+        "batch_indexed_collectives": batched,
     }
 
 
@@ -226,14 +238,14 @@ def _is(sharding, mesh, spec, ndim):
     return bool(sharding.is_equivalent_to(NamedSharding(mesh, spec), ndim))
 
 
-def data_parallel(mesh, names):
+def data_parallel(mesh, names, modes=MODES):
     """Check 1 and 2: jit(grad) on batch-sharded inputs vs one device; HLO collectives."""
     n_dev = mesh.size
     rows = []
     for name in names:
         pb = Problem(name)
         grads = {}
-        for backward in MODES:
+        for backward in modes:
             step = step_fn(pb, backward)
             ref_hs, ref = reference(pb, backward)
             args = put(pb.args(), pb.specs(), mesh)
@@ -256,7 +268,8 @@ def data_parallel(mesh, names):
                 "n_params": pb.n_params(),
                 **hlo_summary(compiled, n_dev),
             })
-        rows[-1]["bptt_vs_autodiff"] = rel_err(grads["bptt"], grads["autodiff"])
+        if len(grads) == 2:
+            rows[-1]["bptt_vs_autodiff"] = rel_err(grads["bptt"], grads["autodiff"])
     return rows
 
 
@@ -291,44 +304,47 @@ def shard_map_explicit(mesh, names, modes=MODES, check_vma=True):
     return rows
 
 
-def shard_map_replicated_params(mesh):
-    """The natural form: replicated (invariant) params inside shard_map, no psum.
+def shard_map_replicated_params(mesh, cases):
+    """The natural form: replicated (invariant) params inside shard_map, no psum written.
 
     Under check_vma JAX's autodiff inserts the psum itself (the transpose of the
-    implicit 'pvary' of the params). Probed with an explicit, sharded state0 and
-    with state0=None (zeros made inside the per-device function).
+    implicit 'pvary' of the params). ``cases``: (model, state0, backward) with
+    state0 ``"sharded"`` (an input split on the batch), ``"None"`` (the library's
+    zeros) or ``"zeros"`` (invariant zeros made inside the per-device function).
     """
-    pb = Problem("lstm")
     rows = []
-    for state0_given in (True, False):
-        for backward in MODES:
-            step = step_fn(pb, backward)
-            _, (ref_dp, ref_dxs, _) = reference(pb, backward)
+    for name, state0_kind, backward in cases:
+        pb = Problem(name)
+        step = step_fn(pb, backward)
+        zero = jax.tree.map(jnp.zeros_like, pb.state0)
 
-            def local(params, xs, state0, w_hs, w_final, lengths, backward=backward):
-                def loss(params, xs):
-                    s0 = state0 if state0_given else None
-                    hs, final = jb.lstm(params, xs, s0, backward=backward)
-                    return jnp.sum(hs * w_hs) + sum(jnp.sum(s * w) for s, w in zip(final, w_final))
-                return jax.grad(loss, argnums=(0, 1))(params, xs)
+        def local(params, xs, state0, w_hs, w_final, lengths, pb=pb, backward=backward,
+                  kind=state0_kind):
+            if kind == "None":
+                state0 = None
+            elif kind == "zeros":
+                state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state0)
 
-            specs = pb.specs()
-            sm = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(specs[0], BATCH))
-            row = {"model": "lstm", "backward": backward, "state0": "sharded" if state0_given
-                   else "None", "error": None, "grad_rel_err": None}
-            try:
-                got = jax.jit(sm)(*put(pb.args(), specs, mesh))
-            except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-            else:
-                if state0_given:
-                    row["grad_rel_err"] = rel_err(got, (ref_dp, ref_dxs))
-                else:  # compare with a zero state0 on one device
-                    zero = jax.tree.map(jnp.zeros_like, pb.state0)
-                    _, (zdp, zdxs, _) = jax.jit(step)(
-                        *on_one_device((pb.params, pb.xs, zero, pb.w_hs, pb.w_final, None)))
-                    row["grad_rel_err"] = rel_err(got, (zdp, zdxs))
-            rows.append(row)
+            def loss(params, xs):
+                return pb.loss(params, xs, state0, w_hs, w_final, lengths, backward)[0]
+            return jax.grad(loss, argnums=(0, 1))(params, xs)
+
+        specs = pb.specs()
+        sm = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(specs[0], BATCH))
+        row = {"model": name, "backward": backward, "state0": state0_kind, "error": None,
+               "grad_rel_err": None}
+        try:
+            got = jax.jit(sm)(*put(pb.args(), specs, mesh))
+        except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        else:
+            if state0_kind == "sharded":
+                _, (dp, dxs, _) = reference(pb, backward)
+            else:  # a zero initial state, on one device
+                args = (pb.params, pb.xs, zero, pb.w_hs, pb.w_final, pb.lengths)
+                _, (dp, dxs, _) = jax.jit(step)(*on_one_device(args))
+            row["grad_rel_err"] = rel_err(got, (dp, dxs))
+        rows.append(row)
     return rows
 
 
@@ -409,14 +425,18 @@ def report(n_dev):
     return {
         "devices": n_dev, "platform": jax.devices()[0].platform, "jax": jax.__version__,
         "shape": {"T": T, "B": B, "n_x": N_X, "n_a": N_A},
-        "data_parallel": data_parallel(mesh, cells),
+        "data_parallel": data_parallel(mesh, cells)
+        + data_parallel(mesh, ("lstm:states", "lstm:checkpoint"), modes=("bptt",)),
         "shard_map": shard_map_explicit(mesh, cells, modes=("bptt",))
         + shard_map_explicit(mesh, ("lstm",), modes=("autodiff",))
         + shard_map_explicit(mesh, ("lstm",), modes=("bptt",), check_vma=False),
-        "shard_map_replicated_params": shard_map_replicated_params(mesh),
+        "shard_map_replicated_params": shard_map_replicated_params(mesh, (
+            ("lstm", "sharded", "autodiff"), ("lstm", "sharded", "bptt"),
+            ("lstm", "None", "autodiff"), ("lstm", "None", "bptt"),
+            ("lstm", "zeros", "bptt"), ("stack", "None", "bptt"))),
         "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
         "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
-                                        ("gru-course", "bptt"))),
+                                        ("gru-course", "bptt"), ("stack", "bptt"))),
     }
 
 
@@ -425,19 +445,22 @@ def report(n_dev):
 def memory(n_dev, shape=(100, 64, 32, 128)):
     """Per-device bytes of one gradient (float32) on 1 and n_dev devices, for every cell.
 
-    ``residual_bytes``: the arrays ``jax.vjp`` keeps from the forward for the
-    backward (the vjp function's leaves; one device's shard of each).
-    ``argument/output/temp_bytes``: ``memory_analysis()`` of the compiled
-    ``jit(grad)`` (temp is the peak scratch of the whole step).
+    ``residual_bytes``: what ``jax.vjp`` keeps from the forward for the backward
+    (the vjp function's array leaves, one device's shard of each), with their
+    global ``residual_shapes``. ``argument/output/temp_bytes``: ``memory_analysis()``
+    of the compiled ``jit(grad)`` (temp: the peak scratch of the whole step).
     """
     t, b, n_x, n_a = shape
+    modes = (("bptt", "gates"), ("bptt", "states"), ("bptt", "checkpoint"), ("autodiff", None))
     rows = []
     for cell in ("rnn", "lstm", "gru-course", "gru-cudnn"):
         fn, params, xs, s0 = make(cell, t, b, n_x, n_a, dtype=np.float32)
         specs = (jax.tree.map(lambda _: P(), params), BATCH, jax.tree.map(lambda _: ROWS, s0))
-        for backward in MODES:
-            def run(params, xs, s0, backward=backward, fn=fn):
-                return fn(params, xs, s0, backward=backward)
+        for backward, policy in modes:
+            kw = {"residuals": policy} if policy else {}
+
+            def run(params, xs, s0, backward=backward, fn=fn, kw=kw):
+                return fn(params, xs, s0, backward=backward, **kw)
 
             def loss(params, xs, s0, run=run):
                 return jnp.sum(run(params, xs, s0)[0] ** 2)
@@ -450,9 +473,9 @@ def memory(n_dev, shape=(100, 64, 32, 128)):
                 saved = [x for x in jax.tree.leaves(vjp) if isinstance(x, jax.Array)]
                 m = grad.lower(*args).compile().memory_analysis()
                 rows.append({
-                    "cell": cell, "backward": backward, "devices": n,
+                    "cell": cell, "backward": backward, "residuals": policy, "devices": n,
                     "residual_bytes": sum(x.addressable_shards[0].data.nbytes for x in saved),
-                    "residual_TBn_a_arrays": sum(x.shape == (t, b, n_a) for x in saved),
+                    "residual_shapes": sorted(str(x.shape) for x in saved if x.size >= b * n_a),
                     "argument_bytes": m.argument_size_in_bytes,
                     "output_bytes": m.output_size_in_bytes,
                     "temp_bytes": m.temp_size_in_bytes})
