@@ -131,14 +131,22 @@ def lengths(x, B):
     return x
 
 
-def truncate(k):
-    """``None`` or a positive int (static)."""
+def _static_steps(name, k):
+    """``None`` or a positive int (a static number of steps)."""
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"truncate must be a positive int (a static number of steps) or "
+        raise ValueError(f"{name} must be a positive int (a static number of steps) or "
                          f"None, got {k!r}")
     return int(k)
+
+
+def truncate(k):
+    return _static_steps("truncate", k)
+
+
+def chunk(k):
+    return _static_steps("chunk", k)
 
 
 def probe(p, state0, T):
@@ -150,12 +158,3 @@ def probe(p, state0, T):
     if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:
         raise ValueError(f"probe must be shaped like the states over time, {want}, got {got}")
 
-
-def chunk(k):
-    """``None`` or a positive int: steps per chunk of the driver's loops (static)."""
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"chunk must be a positive int (a static number of steps) or None, "
-                         f"got {k!r}")
-    return int(k)

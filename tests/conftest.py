@@ -3,21 +3,13 @@
 import jax
 import pytest
 
+from jaxbptt.check import devices
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def _platforms():
-    found = []
-    for platform in ("cpu", "gpu", "tpu"):
-        try:
-            found.append(jax.devices(platform)[0])
-        except RuntimeError:
-            pass
-    return found
-
-
-DEVICES = _platforms()
+DEVICES = devices()  # one per platform: CPU always, GPU/TPU when present
 
 
 def pytest_addoption(parser):

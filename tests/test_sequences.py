@@ -130,7 +130,8 @@ def _truncated_reference(fn, params, xs, state0, k, reverse):
     return (hs[::-1] if reverse else hs), state
 
 
-@pytest.mark.parametrize("k", [1, 3, 10])
+@pytest.mark.parametrize("k", [3, pytest.param(1, marks=pytest.mark.slow),
+                               pytest.param(10, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
 def test_truncate_matches_stop_gradient_chunks(cell, reverse, k):

@@ -1,0 +1,430 @@
+"""Forward + backward time and XLA memory of jaxbptt's BPTT against autodiff, remat and peers.
+
+Run:  python experiments/bench_bptt.py            # full run, ~10 min on 2 cores
+      python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
+      options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
+               --sweep-time-max-T 1024 (4096 times the whole sweep, ~+1.5 min)  --no-sweep
+               --torch-threads N (default: PyTorch's own default, reported)
+
+For each cell (RNN, LSTM, GRU in its cuDNN form) and shape (T, B, n_x, n_a) it times the
+gradient of loss = sum(hs * w) with respect to the parameters, the inputs xs and the initial
+state(s), float32, for:
+
+  bptt[<policy>]  jaxbptt backward="bptt", one row per jaxbptt.RESIDUAL_POLICIES entry
+                  (a single "bptt" row when the library has no such attribute)
+  autodiff        jaxbptt backward="autodiff": JAX's derivative of the same lax.scan forward
+  remat           a plain lax.scan of the same cell, jax.checkpoint around the step (autodiff)
+  flax            flax.linen nn.RNN(OptimizedLSTMCell / GRUCell / SimpleCell), time_major
+  equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
+  torch           PyTorch nn.LSTM / GRU / RNN on the CPU, autograd (default thread count)
+
+JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead of time
+(the same executable gives the XLA temp memory and is timed). Method: one process, warm-up,
+then the runs interleaved round-robin across the variants of a shape; median and min.
+A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
+the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
+A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time.
+
+Writes results/bench_bptt.json and results/bench_memory_vs_T.png
+(with --quick: bench_bptt_quick.json and bench_memory_vs_T_quick.png, not to clobber a full run).
+"""
+
+import argparse
+import importlib
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import _bench_peers as peers
+import jaxbptt
+from _common import RESULTS, machine, write_json
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+SHAPES = {
+    "lstm": [(100, 32, 64, 128), (100, 32, 64, 256), (200, 64, 128, 512), (50, 64, 128, 512)],
+    "gru": [(100, 32, 64, 128), (100, 32, 64, 256), (50, 64, 128, 512)],
+    "rnn": [(100, 32, 64, 128), (100, 32, 64, 256), (50, 64, 128, 512)],
+}
+QUICK_SHAPES = {
+    "lstm": [(50, 16, 32, 64)],
+    "gru": [(50, 16, 32, 64)],
+    "rnn": [(50, 16, 32, 64)],
+}
+SWEEP_SHAPE = (32, 64, 128)  # B, n_x, n_a of the T sweep (LSTM)
+QUICK_SWEEP_SHAPE = (8, 16, 32)
+MiB = 2.0**20
+
+
+def model_flops(cell, T, B, n_x, n_a):
+    """Forward + backward: 3 x the forward's 2*T*B*(n_x+n_a)*G*n_a."""
+    return 3 * 2 * T * B * (n_x + n_a) * GATES[cell] * n_a
+
+
+class Notes:
+    """Skips and failures, each said once."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, msg):
+        if msg not in self.items:
+            self.items.append(msg)
+            print(f"  note: {msg}", flush=True)
+
+
+def gemm_peak(runs=7, n=2048):
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul).lower(a, b).compile()
+    for _ in range(2):
+        f(a, b).block_until_ready()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    med = statistics.median(ts)
+    return {"n": n, "runs": runs, "median_ms": 1e3 * med, "min_ms": 1e3 * min(ts),
+            "gflops": 2 * n**3 / med / 1e9}
+
+
+def available_peers(notes):
+    avail = {}
+    for name, module in (("flax", "flax.linen"), ("equinox", "equinox"), ("torch", "torch")):
+        try:
+            importlib.import_module(module)
+            avail[name] = True
+        except ImportError:
+            avail[name] = False
+            notes.add(f"{name} is not installed: its rows are skipped")
+    return avail
+
+
+def versions(avail):
+    out = {"jax": jax.__version__, "jaxbptt": getattr(jaxbptt, "__version__", "?"),
+           "numpy": np.__version__}
+    for name, module in (("flax", "flax"), ("equinox", "equinox"), ("torch", "torch")):
+        if avail.get(name):
+            out[name] = importlib.import_module(module).__version__
+    return out
+
+
+class Variant:
+    def __init__(self, name, kind, run, temp_bytes=None):
+        self.name, self.kind, self.run, self.temp_bytes = name, kind, run, temp_bytes
+        self.out = None  # the gradients of the first warm-up run (JAX variants)
+
+
+def compile_jax(name, fwd, params, xs, state0, w):
+    def loss(p, xs, s0, w):
+        return jnp.sum(fwd(p, xs, s0) * w)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, xs, state0, w).compile()
+    mem = compiled.memory_analysis()
+    temp = None if mem is None else int(mem.temp_size_in_bytes)
+    return Variant(name, "jax", lambda: jax.block_until_ready(compiled(params, xs, state0, w)),
+                   temp)
+
+
+def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True):
+    """Every variant of one (cell, shape), JAX ones compiled; torch only if with_peers_time."""
+    T, B, n_x, n_a = shape
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    xs = jax.random.normal(k[0], (T, B, n_x), jnp.float32)
+    a0 = 0.5 * jax.random.normal(k[1], (B, n_a), jnp.float32)
+    c0 = 0.5 * jax.random.normal(k[2], (B, n_a), jnp.float32) if cell == "lstm" else None
+    w = jax.random.normal(k[3], (T, B, n_a), jnp.float32)
+    params = peers.jaxbptt_params(cell, k[4], n_x, n_a)
+    s0 = peers.jaxbptt_state(cell, a0, c0)
+
+    specs = []
+    if policies is None:
+        specs.append(("bptt", lambda: (peers.jaxbptt_fwd(cell, "bptt"), params, s0)))
+    else:
+        for pol in policies:
+            specs.append((f"bptt[{pol}]",
+                          lambda pol=pol: (peers.jaxbptt_fwd(cell, "bptt", pol), params, s0)))
+    specs.append(("autodiff", lambda: (peers.jaxbptt_fwd(cell, "autodiff"), params, s0)))
+    specs.append(("remat", lambda: peers.remat_setup(cell, k[4], n_x, n_a, a0, c0)))
+    if avail.get("flax"):
+        specs.append(("flax", lambda: peers.flax_setup(cell, k[5], n_x, n_a, a0, c0)))
+    if avail.get("equinox"):
+        specs.append(("equinox", lambda: peers.equinox_setup(cell, k[5], n_x, n_a, a0, c0)))
+
+    variants = []
+    for name, setup in specs:
+        try:
+            fwd, p, s = setup()
+            variants.append(compile_jax(name, fwd, p, xs, s, w))
+        except peers.Unsupported as e:
+            notes.add(f"{cell}: {name} skipped ({e})")
+        except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            notes.add(f"{cell} {shape} {name}: failed ({type(e).__name__}: {msg})")
+    if with_peers_time and avail.get("torch"):
+        variants.append(Variant("torch", "torch", peers.torch_setup(cell, n_x, n_a, xs, a0, c0, w)))
+    return variants
+
+
+def time_interleaved(variants, runs, warmup):
+    """Warm-up rounds, then ``runs`` round-robin rounds (start rotated each round); seconds."""
+    for i in range(max(1, warmup)):
+        for v in variants:
+            out = v.run()
+            if i == 0 and v.kind == "jax":
+                v.out = out
+    times = {v.name: [] for v in variants}
+    n = len(variants)
+    for r in range(runs):
+        for j in range(n):
+            v = variants[(r + j) % n]
+            t0 = time.perf_counter()
+            v.run()
+            times[v.name].append(time.perf_counter() - t0)
+    return times
+
+
+def rel_err(got, ref):
+    """max over leaves of max|got - ref| / max|ref| (as ``jaxbptt check``)."""
+    errs = jax.tree.map(lambda g, r: float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30)),
+                        got, ref)
+    return max(jax.tree.leaves(errs))
+
+
+def summarize(cell, shape, variants, times, peak_gflops):
+    T, B, n_x, n_a = shape
+    flops = model_flops(cell, *shape)
+    by = {v.name: v for v in variants}
+    med = {name: statistics.median(ts) for name, ts in times.items() if ts}
+    ref_t, torch_t = med.get("autodiff"), med.get("torch")
+    ref_mem = by["autodiff"].temp_bytes if "autodiff" in by else None
+    rows = []
+    for v in variants:
+        ts = times.get(v.name, [])
+        row = {"cell": cell, "T": T, "B": B, "n_x": n_x, "n_a": n_a, "variant": v.name,
+               "model_gflop": flops / 1e9,
+               "temp_mib": None if v.temp_bytes is None else v.temp_bytes / MiB,
+               "mem_x_autodiff": (v.temp_bytes / ref_mem
+                                  if v.temp_bytes is not None and ref_mem else None)}
+        if ts:
+            m = statistics.median(ts)
+            row.update({"median_ms": 1e3 * m, "min_ms": 1e3 * min(ts),
+                        "times_ms": [1e3 * t for t in ts], "gflops": flops / m / 1e9,
+                        "pct_gemm_peak": 100 * flops / m / 1e9 / peak_gflops,
+                        "x_autodiff": m / ref_t if ref_t else None,
+                        "x_torch": m / torch_t if torch_t else None})
+        ref = by.get("autodiff")
+        if (v.kind == "jax" and v.out is not None and ref is not None and ref.out is not None
+                and (v.name.startswith("bptt") or v.name == "remat")):
+            row["grad_rel_err_vs_autodiff"] = rel_err(v.out, ref.out)
+        rows.append(row)
+    for v in variants:
+        v.out = None
+    return rows
+
+
+def fmt(x, spec, width):
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
+
+
+def print_table(cell, rows):
+    title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
+    head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
+            f"{'×autodiff':>10}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}{'mem ×ad':>9}")
+    print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
+          + "-" * len(head))
+    last = None
+    for r in rows:
+        shape = f"{r['T']}, {r['B']}, {r['n_x']}, {r['n_a']}"
+        if last is not None and shape != last:
+            print()
+        print(f"{shape if shape != last else '':<20}{r['variant']:<20}"
+              + fmt(r.get("median_ms"), ".2f", 10) + fmt(r.get("min_ms"), ".2f", 10)
+              + fmt(r.get("x_autodiff"), ".2f", 10) + fmt(r.get("x_torch"), ".2f", 8)
+              + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
+              + fmt(r.get("mem_x_autodiff"), ".2f", 9))
+        last = shape
+    errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
+            if "grad_rel_err_vs_autodiff" in r]
+    if errs:
+        worst = {}
+        for name, e in errs:
+            worst[name] = max(e, worst.get(name, 0.0))
+        print("gradient check vs autodiff (max rel. error over shapes): "
+              + ", ".join(f"{n} {e:.1e}" for n, e in worst.items()))
+
+
+def print_sweep(rows, Ts, B, n_x, n_a):
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    get = {(r["variant"], r["T"]): r for r in rows}
+    print(f"\nT sweep, LSTM, B={B}, n_x={n_x}, n_a={n_a}")
+    for key, label, spec in (("temp_mib", "XLA temp memory, MiB", ".2f"),
+                             ("mem_x_autodiff", "temp memory / autodiff", ".2f"),
+                             ("median_ms", "median time, ms", ".2f"),
+                             ("x_autodiff", "time / autodiff", ".2f")):
+        print(f"{label:<24}" + "".join(f"{'T=' + str(T):>11}" for T in Ts))
+        for name in names:
+            line = "".join(fmt(get.get((name, T), {}).get(key), spec, 11) for T in Ts)
+            if line.strip(" -"):
+                print(f"  {name:<22}" + line)
+
+
+def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 5.2))
+    for name in names:
+        rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
+        mem = [(r["T"], r["temp_mib"]) for r in rs if r.get("temp_mib")]
+        tim = [(r["T"], r["median_ms"]) for r in rs if r.get("median_ms")]
+        style = dict(marker="o", color=colors[name], label=name,
+                     linestyle="--" if name in ("flax", "equinox", "torch") else "-")
+        if mem:
+            ax_m.plot(*zip(*mem), **style)
+        if tim:
+            ax_t.plot(*zip(*tim), **style)
+    for ax, ylabel, title in (
+            (ax_m, "XLA temp memory (MiB)", "XLA temporary memory (compiled, JAX variants)"),
+            (ax_t, "median time (ms)", f"time of forward + backward (median of {runs})")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(Ts)
+        ax.set_xticklabels([str(T) for T in Ts])
+        ax.set_xlabel("sequence length T (steps)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(f"LSTM gradient (params, xs, a0, c0), B={B}, n_x={n_x}, n_a={n_a}, float32, "
+                 f"{jax.default_backend().upper()}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="~1 min smoke run: small shapes, 3 runs")
+    p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset of lstm,gru,rnn")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per variant (7; quick 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
+    p.add_argument("--sweep-T", default=None, help="T values of the sweep (64,256,1024,4096)")
+    p.add_argument("--sweep-time-max-T", type=int, default=None,
+                   help="time the sweep up to this T (1024; larger T: memory only)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads(N) (default: leave PyTorch's default)")
+    args = p.parse_args()
+
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    bad = [c for c in cells if c not in GATES]
+    if bad:
+        p.error(f"unknown cell(s) {bad}; choose from lstm, gru, rnn")
+    runs = args.runs or (3 if args.quick else 7)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    sweep_Ts = ([int(t) for t in args.sweep_T.split(",")] if args.sweep_T else
+                [16, 64, 256, 1024] if args.quick else [64, 256, 1024, 4096])
+    sweep_time_max = args.sweep_time_max_T or (256 if args.quick else 1024)
+    sB, sx, sa = QUICK_SWEEP_SHAPE if args.quick else SWEEP_SHAPE
+    suffix = "_quick" if args.quick else ""
+
+    t_start = time.perf_counter()
+    notes = Notes()
+    policies = getattr(jaxbptt, "RESIDUAL_POLICIES", None)
+    if policies is None:
+        notes.add("jaxbptt.RESIDUAL_POLICIES absent: one 'bptt' row without residuals=")
+    else:
+        policies = tuple(policies)
+    avail = available_peers(notes)
+    torch_threads = None
+    if avail["torch"]:
+        import torch
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        torch_threads = torch.get_num_threads()
+    vers = versions(avail)
+    mach = machine()
+    load0 = os.getloadavg()
+    print(f"{mach['cpu']}, {mach['cores']} cores, backend {mach['backend']}; "
+          + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    print(f"torch threads: {torch_threads}; residual policies: {policies}; runs {runs}, "
+          f"warm-up {args.warmup}; load average {load0[0]:.1f}", flush=True)
+    if load0[0] > 0.5 * (os.cpu_count() or 1):
+        notes.add(f"machine busy at the start (load average {load0[0]:.1f} on {os.cpu_count()} "
+                  "cores): timings are noisy, PyTorch's multi-threaded CPU kernels most of all")
+
+    gemm0 = gemm_peak()
+    print(f"GEMM 2048^3 float32 (jit): {gemm0['gflops']:.0f} GFLOP/s "
+          f"(median {gemm0['median_ms']:.1f} ms)", flush=True)
+    peak = gemm0["gflops"]
+
+    results = {}
+    for cell in cells:
+        rows = []
+        t_cell = time.perf_counter()
+        for shape in shapes[cell]:
+            print(f"[{cell} {shape}] compiling ...", flush=True)
+            variants = build_variants(cell, shape, policies, avail, notes)
+            times = time_interleaved(variants, runs, args.warmup)
+            rows += summarize(cell, shape, variants, times, peak)
+            del variants
+        results[cell] = rows
+        print_table(cell, rows)
+        print(f"({cell}: {time.perf_counter() - t_cell:.0f} s)", flush=True)
+
+    sweep_rows = []
+    if not args.no_sweep:
+        t_sw = time.perf_counter()
+        for T in sweep_Ts:
+            timed = T <= sweep_time_max
+            print(f"[sweep T={T}] compiling{' and timing' if timed else ' (memory only)'} ...",
+                  flush=True)
+            variants = build_variants("lstm", (T, sB, sx, sa), policies, avail, notes,
+                                      with_peers_time=timed)
+            times = time_interleaved(variants, runs, args.warmup) if timed else {}
+            sweep_rows += summarize("lstm", (T, sB, sx, sa), variants, times, peak)
+            del variants
+        print_sweep(sweep_rows, sweep_Ts, sB, sx, sa)
+        print(f"(sweep: {time.perf_counter() - t_sw:.0f} s)")
+
+    gemm1 = gemm_peak()
+    drift = gemm1["gflops"] / gemm0["gflops"]
+    print(f"\nGEMM at the end: {gemm1['gflops']:.0f} GFLOP/s ({drift:.2f}× the start; "
+          f"% peak above uses the start's {peak:.0f})")
+    png = None
+    if sweep_rows:
+        png = plot_sweep(sweep_rows, sweep_Ts, sB, sx, sa,
+                         os.path.join(RESULTS, f"bench_memory_vs_T{suffix}.png"), runs)
+    if notes.items:
+        print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes.items))
+    load1 = os.getloadavg()
+    path = write_json(f"bench_bptt{suffix}.json", {
+        "quick": args.quick, "runs": runs, "warmup": args.warmup, "cells": cells,
+        "residual_policies": list(policies) if policies is not None else None,
+        "torch_threads": torch_threads, "versions": vers,
+        "gemm_start": gemm0, "gemm_end": gemm1, "gemm_peak_gflops_used": peak,
+        "model_flops": "3 * 2*T*B*(n_x+n_a)*G*n_a, G = 4 LSTM, 3 GRU, 1 RNN",
+        "loadavg_start": load0, "loadavg_end": load1,
+        "results": results,
+        "sweep": {"cell": "lstm", "B": sB, "n_x": sx, "n_a": sa, "T": sweep_Ts,
+                  "time_max_T": sweep_time_max, "rows": sweep_rows},
+        "notes": notes.items, "seconds": time.perf_counter() - t_start})
+    print(f"\nwrote {path}" + (f", {png}" if png else "")
+          + f" in {time.perf_counter() - t_start:.0f} s (load average {load1[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

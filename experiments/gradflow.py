@@ -1,0 +1,50 @@
+"""Gradient flow through time: ‖∂L_T/∂a<t>‖ against the lag, at init and during training.
+
+Run: python experiments/gradflow.py [--T 100] [--steps 600]
+Writes results/gradflow.json, results/gradflow_init.png, results/gradflow_training.png.
+"""
+
+import argparse
+import os
+import time
+
+from _common import RESULTS, write_json
+
+from jaxbptt import gradflow
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--train-T", type=int, default=50)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    init = gradflow.at_init(T=args.T)
+    maps = {c: gradflow.during_training(c, T=args.train_T, steps=args.steps,
+                                        every=max(1, args.steps // 20))
+            for c in ("rnn", "lstm", "gru")}
+    lags = (0, 10, 25, 50, args.T - 1)
+    print(f"{'mean ||dL_T/da<t>|| at init':<32}" + "".join(f"{'lag ' + str(l):>11}" for l in lags))
+    for name, r in init.items():
+        a = r["a"][::-1]
+        print(f"{name:<32}" + "".join(f"{a[l]:>11.2e}" for l in lags))
+    print(f"\nadding task, T={args.train_T}: loss (MSE, baseline 0.167) and "
+          f"||dL/da<t>|| at lag {args.train_T - 1}, first -> last recorded step")
+    for cell, (steps, norms, loss) in maps.items():
+        print(f"{cell:<6} loss {loss[:10].mean():.4f} -> {loss[-20:].mean():.4f}   "
+              f"far gradient {norms[0, 0]:.2e} -> {norms[-1, 0]:.2e}")
+    png_init = gradflow.plot_at_init(init, os.path.join(RESULTS, "gradflow_init.png"), args.T)
+    png_train = gradflow.plot_training(maps, os.path.join(RESULTS, "gradflow_training.png"),
+                                       args.train_T)
+    path = write_json("gradflow.json", {
+        "T": args.T, "train_T": args.train_T, "steps": args.steps,
+        "at_init": {k: {kk: vv.tolist() for kk, vv in v.items()} for k, v in init.items()},
+        "training": {c: {"steps": s.tolist(), "norms": n.tolist(), "loss": l.tolist()}
+                     for c, (s, n, l) in maps.items()},
+        "seconds": time.perf_counter() - t0})
+    print(f"\nwrote {path}, {png_init}, {png_train} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
