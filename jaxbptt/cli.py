@@ -111,10 +111,10 @@ def _train(args) -> int:
         task=args.task, cell=args.cell, hidden=args.hidden, T=args.T, steps=args.steps,
         batch=args.batch, optimizer=args.optimizer, lr=args.lr, clip=args.clip,
         clip_value=args.clip_value, backward=args.backward, seed=args.seed,
-        save_every=args.save_every, sample_every=args.sample_every)
+        save_every=args.save_every, sample_every=args.sample_every, devices=args.devices)
     try:
         summary = train.train(config, out, progress=not args.quiet)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, ValueError) as e:
         args.parser.error(str(e))
     ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
     if summary.get("samples"):
@@ -250,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=500)
     p.add_argument("--sample-every", type=int, default=500,
                    help="print sampled names every N steps (charlm; 0: never)")
+    p.add_argument("--devices", type=_positive_int, default=1,
+                   help="data parallel over this many devices (batch split, params replicated; "
+                   "on a CPU simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train, parser=p)
 

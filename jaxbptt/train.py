@@ -29,7 +29,7 @@ from jaxbptt.rnn import init_rnn, rnn
 
 CELLS = {"rnn": (rnn, init_rnn), "lstm": (lstm, init_lstm), "gru": (gru, init_gru)}
 # Fields that may change when a run is resumed; every other one defines the run.
-RESUMABLE = ("steps", "save_every", "sample_every")
+RESUMABLE = ("steps", "save_every", "sample_every", "devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Config:
     seed: int = 0
     save_every: int = 500
     sample_every: int = 500
+    devices: int = 1  # data parallel over this many devices (the batch is split)
 
 
 def optimizer(config: Config):
@@ -123,6 +124,37 @@ def sample_names(config: Config, params, key, n=8, max_len=20):
     return out
 
 
+def placement(config: Config):
+    """``(put_params, put_batch)``: where params and batches live for ``config.devices``.
+
+    One device: both are the identity. N devices: a 1-D mesh over the first N of
+    ``jax.devices()``; params and optimizer state replicated, every batch array split
+    along its batch axis (axis 1 of (T, B, ...), axis 0 of (B,)). The jitted step then
+    runs data-parallel under XLA's SPMD partitioner, parameter gradients all-reduced.
+    """
+    n = config.devices
+    if n == 1:
+        return (lambda tree: tree), (lambda batch: batch)
+    available = jax.devices()
+    if n > len(available):
+        raise ValueError(f"--devices {n} but JAX sees {len(available)} device(s); on a CPU, "
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    if config.batch % n:
+        raise ValueError(f"--batch {config.batch} must be divisible by --devices {n}")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(available[:n]), ("batch",))
+    replicated = NamedSharding(mesh, P())
+
+    def split(x):
+        if x is None:
+            return None
+        spec = P("batch") if x.ndim == 1 else P(None, "batch", *([None] * (x.ndim - 2)))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return (lambda tree: jax.device_put(tree, replicated)), (lambda b: tasks.Batch(*map(split, b)))
+
+
 class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal)."""
 
@@ -164,6 +196,7 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     task = tasks.get(config.task, config.T)
     template = init(config, task)
     ckpt_dir = os.path.join(out, "checkpoints")
+    put_params, put_batch = placement(config)
     found = checkpoint.restore_latest(ckpt_dir, template,
                                       lambda meta: _compatible(meta["config"], config))
     if found is None:
@@ -172,6 +205,7 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
         (params, opt_state), manifest = found
         start, history = manifest["step"], list(manifest["meta"]["history"])
         log(f"resuming from step {start} ({ckpt_dir})")
+    params, opt_state = put_params((params, opt_state))
     step_fn = make_step(config, task)
     key = jax.random.PRNGKey(config.seed)
     k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
@@ -186,8 +220,7 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     pending = []
     t0 = time.perf_counter()
     for step in range(start, config.steps):
-        batch = jax.tree.map(lambda x: None if x is None else jnp.asarray(x),
-                             task.batch(config.seed, step, config.batch))
+        batch = put_batch(task.batch(config.seed, step, config.batch))
         params, opt_state, loss = step_fn(params, opt_state, batch)
         pending.append(loss)
         done = step + 1
