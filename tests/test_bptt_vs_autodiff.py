@@ -14,7 +14,7 @@ SHAPES = [  # (T, B, n_x, n_a)
     (1, 3, 2, 4),
     (5, 1, 1, 3),
     (7, 4, 3, 5),
-    (12, 2, 6, 3),
+    pytest.param((12, 2, 6, 3), marks=pytest.mark.slow),
 ]
 TOL = {np.float64: 1e-12, np.float32: 2e-5}
 
