@@ -16,8 +16,8 @@ def _grads(fn, args, cts, **kw):
     return jax.jit(both)(args, cts)
 
 
-@pytest.mark.parametrize("chunk", [None, 3, pytest.param(1, marks=pytest.mark.slow),
-                                   pytest.param(11, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("chunk", [None] + [pytest.param(k, marks=pytest.mark.slow)
+                                            for k in (1, 3, 11)])
 @pytest.mark.parametrize("residuals", jb.RESIDUAL_POLICIES)
 @pytest.mark.parametrize("cell", CELLS)
 def test_policies_equal_autodiff(cell, residuals, chunk):
