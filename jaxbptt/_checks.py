@@ -7,6 +7,7 @@ XLA sees anything: a clear ``ValueError`` (shapes, ranks) or ``TypeError``
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -151,8 +152,6 @@ def chunk(k):
 
 def probe(p, state0, T):
     """A probe is shaped like the states stacked over time: (T,) + each state's shape."""
-    import jax
-
     want = jax.tree.map(lambda s: (T,) + tuple(s.shape), state0)
     got = jax.tree.map(lambda x: tuple(x.shape), p)
     if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:

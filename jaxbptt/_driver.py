@@ -92,6 +92,26 @@ def chunk_size(T, opts):
     return min(CHUNK, T)
 
 
+class HiddenState:
+    """The state handling of a cell whose carry is the hidden state a<t> alone (RNN, GRU)."""
+
+    @staticmethod
+    def output(a):
+        return a
+
+    @staticmethod
+    def add_output(da, dh):
+        return da + dh
+
+    @staticmethod
+    def zero_state(B, n_a, dtype):
+        return jnp.zeros((B, n_a), dtype)
+
+    @staticmethod
+    def check_state(a0, B, n_a, dtype):
+        _checks.state("a0", a0, B, n_a, dtype)
+
+
 def affine(x, W, b):
     """x W^T + b over the last axis of x (..., n) -> (..., m), without rank promotion."""
     return x @ W.T + b.reshape((1,) * (x.ndim - 1) + b.shape)

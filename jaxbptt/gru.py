@@ -120,28 +120,12 @@ def _unfuse(Wh, Wx, b, bch):
     return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], bch)
 
 
-class _GRUCell:
+class _GRUCell(_driver.HiddenState):
     """What both variants share: the input projection and the state a<t>."""
 
     @staticmethod
     def project(f, xs):
         return _driver.affine(xs, f.Wx, f.b)  # (T, B, 3 n_a): W*x x<t> + b* for all t
-
-    @staticmethod
-    def output(a):
-        return a
-
-    @staticmethod
-    def add_output(da, dh):
-        return da + dh
-
-    @staticmethod
-    def zero_state(B, n_a, dtype):
-        return jnp.zeros((B, n_a), dtype)
-
-    @staticmethod
-    def check_state(a0, B, n_a, dtype):
-        _checks.state("a0", a0, B, n_a, dtype)
 
 
 class _CourseGRUCell(_GRUCell):

@@ -44,7 +44,7 @@ def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
         ba=jnp.zeros((n_a,), dtype))
 
 
-class _RNNCell:
+class _RNNCell(_driver.HiddenState):
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
     @staticmethod
@@ -77,22 +77,6 @@ class _RNNCell:
                       Waa=_driver.contract_rows("tbi,tbj->ij", dz, a_prevs),
                       ba=dz.sum((0, 1)))
         return g, dz @ p.Wax
-
-    @staticmethod
-    def output(a):
-        return a
-
-    @staticmethod
-    def add_output(da, dh):
-        return da + dh
-
-    @staticmethod
-    def zero_state(B, n_a, dtype):
-        return jnp.zeros((B, n_a), dtype)
-
-    @staticmethod
-    def check_state(a0, B, n_a, dtype):
-        _checks.state("a0", a0, B, n_a, dtype)
 
 
 RNN_CELL = _RNNCell()
