@@ -1,4 +1,4 @@
-"""Peer implementations for bench_bptt.py: remat autodiff, Flax linen, Equinox, PyTorch.
+"""Peer implementations for bench_bptt.py: textbook scan, remat, Flax linen, Equinox, PyTorch.
 
 Every JAX builder returns ``(fwd, params, state0)`` with ``fwd(params, xs, state0) -> hs``
 (hs (T, B, n_a), time-major), so the benchmark differentiates all of them the same way:
@@ -78,6 +78,44 @@ def _remat_rnn(p, xs, a0):
     return lax.scan(body, a0, zx)[1]
 
 
+# --- the textbook scan: each step's gates from [a<t-1>; x<t>] in the loop, plain autodiff -----
+
+def _scan_lstm(p, xs, s0):
+    W = jnp.concatenate([p.Wf, p.Wi, p.Wc, p.Wo])  # (4 n_a, n_a + n_x), acts on [a; x]
+    b = jnp.concatenate([p.bf, p.bi, p.bc, p.bo])
+
+    def body(carry, x_t):
+        a, c = carry
+        zf, zi, zc, zo = jnp.split(jnp.concatenate([a, x_t], -1) @ W.T + b, 4, axis=-1)
+        c = jax.nn.sigmoid(zf) * c + jax.nn.sigmoid(zi) * jnp.tanh(zc)
+        a = jax.nn.sigmoid(zo) * jnp.tanh(c)
+        return (a, c), a
+
+    return lax.scan(body, (s0.a, s0.c), xs)[1]
+
+
+def _scan_gru(p, xs, a0):  # cuDNN form
+    n_a = p.bu.shape[0]
+    Wur = jnp.concatenate([p.Wu, p.Wr])  # (2 n_a, n_a + n_x)
+    bur = jnp.concatenate([p.bu, p.br])
+
+    def body(a, x_t):
+        gu, gr = jnp.split(jax.nn.sigmoid(jnp.concatenate([a, x_t], -1) @ Wur.T + bur), 2, -1)
+        cc = jnp.tanh(x_t @ p.Wc[:, n_a:].T + p.bc + gr * (a @ p.Wc[:, :n_a].T + p.bch))
+        a = gu * cc + (1 - gu) * a
+        return a, a
+
+    return lax.scan(body, a0, xs)[1]
+
+
+def _scan_rnn(p, xs, a0):
+    def body(a, x_t):
+        a = jnp.tanh(x_t @ p.Wax.T + a @ p.Waa.T + p.ba)
+        return a, a
+
+    return lax.scan(body, a0, xs)[1]
+
+
 def jaxbptt_params(cell, key, n_x, n_a):
     if cell == "lstm":
         return jb.init_lstm(key, n_x, n_a)
@@ -100,6 +138,11 @@ def jaxbptt_fwd(cell, backward, residuals=None):
     if cell == "gru":
         return lambda p, xs, s0: jb.gru(p, xs, s0, variant="cudnn", **kw)[0]
     return lambda p, xs, s0: jb.rnn(p, xs, s0, **kw)[0]
+
+
+def scan_setup(cell, key, n_x, n_a, a0, c0):
+    fwd = {"lstm": _scan_lstm, "gru": _scan_gru, "rnn": _scan_rnn}[cell]
+    return fwd, jaxbptt_params(cell, key, n_x, n_a), jaxbptt_state(cell, a0, c0)
 
 
 def remat_setup(cell, key, n_x, n_a, a0, c0):

@@ -13,6 +13,9 @@ state(s), float32, for:
   bptt[<policy>]  jaxbptt backward="bptt", one row per jaxbptt.RESIDUAL_POLICIES entry
                   (a single "bptt" row when the library has no such attribute)
   autodiff        jaxbptt backward="autodiff": JAX's derivative of the same lax.scan forward
+  scan            the textbook lax.scan a user would write: each step's gates from [a; x]
+                  (one matmul in the loop), jax.nn.sigmoid, autodiff; often leaner and
+                  faster than the hoisted form above, so both are reference points
   remat           a plain lax.scan of the same cell, jax.checkpoint around the step (autodiff)
   flax            flax.linen nn.RNN(OptimizedLSTMCell / GRUCell / SimpleCell), time_major
   equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
@@ -150,6 +153,7 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True)
             specs.append((f"bptt[{pol}]",
                           lambda pol=pol: (peers.jaxbptt_fwd(cell, "bptt", pol), params, s0)))
     specs.append(("autodiff", lambda: (peers.jaxbptt_fwd(cell, "autodiff"), params, s0)))
+    specs.append(("scan", lambda: peers.scan_setup(cell, k[4], n_x, n_a, a0, c0)))
     specs.append(("remat", lambda: peers.remat_setup(cell, k[4], n_x, n_a, a0, c0)))
     if avail.get("flax"):
         specs.append(("flax", lambda: peers.flax_setup(cell, k[5], n_x, n_a, a0, c0)))
@@ -201,8 +205,9 @@ def summarize(cell, shape, variants, times, peak_gflops):
     flops = model_flops(cell, *shape)
     by = {v.name: v for v in variants}
     med = {name: statistics.median(ts) for name, ts in times.items() if ts}
-    ref_t, torch_t = med.get("autodiff"), med.get("torch")
+    ref_t, torch_t, scan_t = med.get("autodiff"), med.get("torch"), med.get("scan")
     ref_mem = by["autodiff"].temp_bytes if "autodiff" in by else None
+    scan_mem = by["scan"].temp_bytes if "scan" in by else None
     rows = []
     for v in variants:
         ts = times.get(v.name, [])
@@ -210,17 +215,20 @@ def summarize(cell, shape, variants, times, peak_gflops):
                "model_gflop": flops / 1e9,
                "temp_mib": None if v.temp_bytes is None else v.temp_bytes / MiB,
                "mem_x_autodiff": (v.temp_bytes / ref_mem
-                                  if v.temp_bytes is not None and ref_mem else None)}
+                                  if v.temp_bytes is not None and ref_mem else None),
+               "mem_x_scan": (v.temp_bytes / scan_mem
+                              if v.temp_bytes is not None and scan_mem else None)}
         if ts:
             m = statistics.median(ts)
             row.update({"median_ms": 1e3 * m, "min_ms": 1e3 * min(ts),
                         "times_ms": [1e3 * t for t in ts], "gflops": flops / m / 1e9,
                         "pct_gemm_peak": 100 * flops / m / 1e9 / peak_gflops,
                         "x_autodiff": m / ref_t if ref_t else None,
+                        "x_scan": m / scan_t if scan_t else None,
                         "x_torch": m / torch_t if torch_t else None})
         ref = by.get("autodiff")
         if (v.kind == "jax" and v.out is not None and ref is not None and ref.out is not None
-                and (v.name.startswith("bptt") or v.name == "remat")):
+                and (v.name.startswith("bptt") or v.name in ("remat", "scan"))):
             row["grad_rel_err_vs_autodiff"] = rel_err(v.out, ref.out)
         rows.append(row)
     for v in variants:
@@ -235,7 +243,8 @@ def fmt(x, spec, width):
 def print_table(cell, rows):
     title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
     head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
-            f"{'×autodiff':>10}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}{'mem ×ad':>9}")
+            f"{'×autodiff':>10}{'×scan':>7}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}"
+            f"{'mem ×ad':>9}{'mem ×scan':>10}")
     print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
           + "-" * len(head))
     last = None
@@ -245,9 +254,10 @@ def print_table(cell, rows):
             print()
         print(f"{shape if shape != last else '':<20}{r['variant']:<20}"
               + fmt(r.get("median_ms"), ".2f", 10) + fmt(r.get("min_ms"), ".2f", 10)
-              + fmt(r.get("x_autodiff"), ".2f", 10) + fmt(r.get("x_torch"), ".2f", 8)
+              + fmt(r.get("x_autodiff"), ".2f", 10) + fmt(r.get("x_scan"), ".2f", 7)
+              + fmt(r.get("x_torch"), ".2f", 8)
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
-              + fmt(r.get("mem_x_autodiff"), ".2f", 9))
+              + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -257,6 +267,27 @@ def print_table(cell, rows):
             worst[name] = max(e, worst.get(name, 0.0))
         print("gradient check vs autodiff (max rel. error over shapes): "
               + ", ".join(f"{n} {e:.1e}" for n, e in worst.items()))
+
+
+GEOMEAN_KEYS = ("x_autodiff", "x_scan", "x_torch", "pct_gemm_peak", "mem_x_autodiff",
+                "mem_x_scan")
+
+
+def geomeans(rows):
+    """Per variant, the geometric mean over the shapes of each ratio (the goals' measure)."""
+    out = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name]
+        out[name] = {k: float(np.exp(np.mean(np.log([r[k] for r in rs]))))
+                     if all(r.get(k) for r in rs) else None for k in GEOMEAN_KEYS}
+    return out
+
+
+def print_geomeans(cell, gm):
+    print(f"{cell.upper()} geometric mean over the shapes:" + "".join(
+        f"{k:>16}" for k in GEOMEAN_KEYS))
+    for name, g in gm.items():
+        print(f"  {name:<40}" + "".join(fmt(g[k], ".2f", 16) for k in GEOMEAN_KEYS))
 
 
 def print_sweep(rows, Ts, B, n_x, n_a):
@@ -371,7 +402,7 @@ def main():
           f"(median {gemm0['median_ms']:.1f} ms)", flush=True)
     peak = gemm0["gflops"]
 
-    results = {}
+    results, gm = {}, {}
     for cell in cells:
         rows = []
         t_cell = time.perf_counter()
@@ -383,6 +414,8 @@ def main():
             del variants
         results[cell] = rows
         print_table(cell, rows)
+        gm[cell] = geomeans(rows)
+        print_geomeans(cell, gm[cell])
         print(f"({cell}: {time.perf_counter() - t_cell:.0f} s)", flush=True)
 
     sweep_rows = []
@@ -418,7 +451,7 @@ def main():
         "gemm_start": gemm0, "gemm_end": gemm1, "gemm_peak_gflops_used": peak,
         "model_flops": "3 * 2*T*B*(n_x+n_a)*G*n_a, G = 4 LSTM, 3 GRU, 1 RNN",
         "loadavg_start": load0, "loadavg_end": load1,
-        "results": results,
+        "results": results, "geomeans": gm,
         "sweep": {"cell": "lstm", "B": sB, "n_x": sx, "n_a": sa, "T": sweep_Ts,
                   "time_max_T": sweep_time_max, "rows": sweep_rows},
         "notes": notes.items, "seconds": time.perf_counter() - t_start})

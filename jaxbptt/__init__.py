@@ -9,6 +9,7 @@ from jaxbptt.lstm import LSTMParams as LSTMParams
 from jaxbptt.lstm import LSTMState as LSTMState
 from jaxbptt.lstm import init_lstm as init_lstm
 from jaxbptt.lstm import lstm as lstm
+from jaxbptt.memory import residual_plan as residual_plan
 from jaxbptt.output import OutputParams as OutputParams
 from jaxbptt.output import cross_entropy as cross_entropy
 from jaxbptt.output import init_output as init_output

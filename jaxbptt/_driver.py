@@ -85,11 +85,85 @@ class Saved(NamedTuple):
 
 
 def chunk_size(T, opts):
+    """Steps per chunk: ``opts.chunk``, else the policy's K, moved to a divisor of T
+    within a factor of two when there is one (padded steps would cost a mask per step)."""
     if opts.chunk is not None:
         return min(opts.chunk, T)
-    if opts.residuals == "checkpoint":
-        return max(1, round(math.sqrt(T)))
-    return min(CHUNK, T)
+    K = max(1, round(math.sqrt(T))) if opts.residuals == "checkpoint" else min(CHUNK, T)
+    near = sorted(range(max(1, K // 2), 2 * K + 1), key=lambda d: (abs(d - K), d))
+    return next((d for d in near if T % d == 0), K)
+
+
+class Plan(NamedTuple):
+    """A residual policy, its chunk size and the bytes it is estimated to keep."""
+
+    residuals: str
+    chunk: int
+    bytes: int
+
+
+def footprint(cell, params, B, n_x, n_a, dtype):
+    """Bytes per step of the state s, the residuals r, the pre-activations z, the
+    input x and the output y; and the bytes w of the (fused) weights."""
+    f = jax.eval_shape(cell.fuse, params)
+    carry = jax.eval_shape(lambda: cell.zero_state(B, n_a, dtype))
+    zx = jax.eval_shape(cell.project, f, jax.ShapeDtypeStruct((1, B, n_x), dtype))
+    zx_t = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape[1:], z.dtype), zx)
+    res = jax.eval_shape(lambda f, c, z: cell.step(f, c, z)[1], f, carry, zx_t)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return (nbytes(carry), nbytes(res), nbytes(zx_t), B * n_x * jnp.dtype(dtype).itemsize,
+            nbytes(jax.eval_shape(cell.output, carry)), nbytes(f))
+
+
+def plan_bytes(policy, K, T, s, r, z, x, y, w):
+    """What ``policy`` keeps through the backward, plus its transients, in bytes.
+
+    Kept: every state and residual ("gates"), every state ("states"), the state
+    entering each of the ceil(T/K) chunks ("checkpoint"). Transient: a chunk's
+    pre-activations, deltas and their transpose (3 z), input gradients (x), the
+    previous states (s), what the backward rebuilds (residuals r; states s on a
+    rerun), and the fused weights and their gradient accumulator (2 w). When K
+    does not divide T, the inputs and output cotangents are copied padded to n K
+    steps. Within 15 % of XLA's temp memory for the LSTM at the benchmark's shapes.
+    """
+    n = -(-T // K)
+    kept = {"gates": n * K * (s + r), "states": n * K * s, "checkpoint": n * s}[policy]
+    rebuilt = {"gates": s, "states": r + s, "checkpoint": r + 2 * s}[policy]
+    padded = n * K * (x + y) if n * K != T else 0
+    return kept + K * (3 * z + x + rebuilt) + 2 * w + padded
+
+
+# Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
+# the cost of short chunks: each chunk adds a fixed overhead of about one step.
+_RELATIVE_TIME = {"gates": 1.0, "states": 1.1, "checkpoint": 1.25}
+
+
+def plan(T, s, r, z, x, y, w, budget):
+    """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
+
+    The candidates are every policy at every chunk K (up to its default for
+    "gates" and "states", whose transients only grow with K); the estimated time
+    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
+    (padded steps are masked). For "checkpoint" this chooses how
+    many states to keep, ceil(T/K) (Gruslys et al. 2016, one level of
+    recomputation): the longest rerun chunk the budget allows. Raises
+    ``ValueError`` when nothing fits.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
+    plans = []
+    for policy in POLICIES:
+        top = T if policy == "checkpoint" else chunk_size(T, Options(residuals=policy))
+        plans += [Plan(policy, K, plan_bytes(policy, K, T, s, r, z, x, y, w)) for K in range(1, top + 1)]
+    fits = [p for p in plans if p.bytes <= budget]
+    if not fits:
+        least = min(plans, key=lambda p: p.bytes)
+        raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
+                         f"this run (T={T}): {least.bytes} bytes with "
+                         f"residuals={least.residuals!r}, chunk={least.chunk}")
+    def time(p):
+        return _RELATIVE_TIME[p.residuals] * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
+    return min(fits, key=lambda p: (time(p), p.bytes))
 
 
 class HiddenState:
@@ -246,6 +320,13 @@ def _prevs(start, states, reverse):
     return jax.tree.map(lambda c, s: jnp.concatenate([c[None], s[:-1]]), start, states)
 
 
+def _chunk_starts(carry0, states, K, reverse):
+    """The state entering each chunk, (n, ...), picked from the saved states (T', ...)."""
+    if reverse:  # chunk k is entered from the first state of chunk k + 1
+        return jax.tree.map(lambda c, s: jnp.concatenate([s[K::K], c[None]]), carry0, states)
+    return jax.tree.map(lambda c, s: jnp.concatenate([c[None], s[K - 1:-1:K]]), carry0, states)
+
+
 def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, *,
             keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
@@ -311,16 +392,15 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     def chunk_body(acc, chunk_in):
         dcarry, df = acc
         xs_k, ts, dh_k, stored = chunk_in
+        start, kept = stored  # the state entering the chunk; what the policy kept of it
         if policy == "checkpoint":  # rerun this chunk's forward from its first state
-            start, probe_k = stored
             states, res = _run_chunk(cell, f, layout, B, opts, start, cell.project(f, xs_k),
-                                     ts, probe_k, lambda new, res: (new, res))[1]
-            prevs = _prevs(start, states, opts.reverse)
-        elif policy == "states":  # the gates of every step of the chunk in one batched step
-            prevs, states = stored
-            res = cell.step(f, prevs, cell.project(f, xs_k))[1]
+                                     ts, kept, lambda new, res: (new, res))[1]
         else:
-            prevs, states, res = stored
+            states, res = kept if policy == "gates" else (kept, None)
+        prevs = _prevs(start, states, opts.reverse)
+        if policy == "states":  # the gates of every step of the chunk in one batched step
+            res = cell.step(f, prevs, cell.project(f, xs_k))[1]
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
@@ -332,10 +412,10 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
             probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
                                  carry0)
         stored = (saved.starts, probe)
-    else:
-        prevs = _prevs(carry0, saved.states, opts.reverse)  # saved over the padded time T'
-        stored = jax.tree.map(lambda x: x.reshape((layout.n, layout.K) + x.shape[1:]),
-                              (prevs, saved.states) + ((saved.res,) if policy == "gates" else ()))
+    else:  # saved over the padded time T'
+        kept = (saved.states, saved.res) if policy == "gates" else saved.states
+        stored = (_chunk_starts(carry0, saved.states, layout.K, opts.reverse),
+                  jax.tree.map(lambda x: x.reshape((layout.n, layout.K) + x.shape[1:]), kept))
     (dcarry0, df), (dxs, dstates) = lax.scan(
         chunk_body, (dcarry_T, _varying_like(_zeros(f), xs)),
         (layout.inputs(xs), layout.times(), layout.chunked(dhs), stored),
@@ -379,10 +459,15 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     unless ``chunk`` is given: the plain scan a user would write).
     """
     _checks.backward_mode(backward)
-    if residuals not in POLICIES:
-        raise ValueError(f"residuals must be one of {POLICIES}, got {residuals!r}")
+    if isinstance(residuals, str) and residuals not in POLICIES:
+        raise ValueError(f"residuals must be one of {POLICIES} or a memory budget in bytes, "
+                         f"got {residuals!r}")
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
+    if not isinstance(residuals, str):  # a budget in bytes: the fastest plan that fits
+        if chunk is not None:
+            raise ValueError("chunk= cannot be given with a memory budget: the plan chooses it")
+        residuals, chunk, _ = plan(T, *footprint(cell, params, B, n_x, n_a, dtype), residuals)
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),

@@ -82,8 +82,17 @@ class _Fused(NamedTuple):
     b: jax.Array  # (4 n_a,)
 
 
+def _gate_scale(z):
+    """k per gate column, shaped to broadcast against z (..., 4 n_a): 1/2 for the
+    sigmoid gates f, i, o and 1 for the tanh candidate, so that k tanh(k z) + 1 - k
+    is σ on the gates and tanh on c̃: all four in one elementwise pass."""
+    n_a = z.shape[-1] // 4
+    k = jnp.repeat(jnp.array([0.5, 0.5, 1.0, 0.5], z.dtype), n_a)
+    return k.reshape((1,) * (z.ndim - 1) + k.shape)
+
+
 class _LSTMCell:
-    """The LSTM for the driver: carry LSTMState, residuals the four gates."""
+    """The LSTM for the driver: carry LSTMState, residuals the gates [Γf, Γi, c̃, Γo] (B, 4 n_a)."""
 
     @staticmethod
     def fuse(p):
@@ -104,23 +113,24 @@ class _LSTMCell:
     @staticmethod
     def step(f, s, zx_t):
         z = zx_t + s.a @ f.Wh.T
-        zf, zi, zc, zo = jnp.split(z, 4, axis=-1)
-        gf, gi, cc, go = jax.nn.sigmoid(zf), jax.nn.sigmoid(zi), jnp.tanh(zc), jax.nn.sigmoid(zo)
+        k = _gate_scale(z)
+        G = k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
+        gf, gi, cc, go = jnp.split(G, 4, axis=-1)
         c = gf * s.c + gi * cc
         a = go * jnp.tanh(c)
-        return LSTMState(a, c), (gf, gi, cc, go)
+        return LSTMState(a, c), G
 
     @staticmethod
-    def step_bwd(f, prev, s, gates, ds_next, dh):
-        gf, gi, cc, go = gates
+    def step_bwd(f, prev, s, G, ds_next, dh):
+        gf, gi, cc, go = jnp.split(G, 4, axis=-1)
         da = ds_next.a + dh  # dL/da<t>: through step t+1, and as an output
         tc = jnp.tanh(s.c)
         dc = ds_next.c + da * go * (1 - tc**2)
-        dzo = da * tc * go * (1 - go)
-        dzc = dc * gi * (1 - cc**2)
-        dzi = dc * cc * gi * (1 - gi)
-        dzf = dc * prev.c * gf * (1 - gf)
-        dz = jnp.concatenate([dzf, dzi, dzc, dzo], axis=-1)  # (B, 4 n_a)
+        # dL/d[Γf, Γi, c̃, Γo], then through σ' = Γ (1 - Γ) and tanh' = (1 - c̃)(1 + c̃):
+        # dzf = dc c<t-1> Γf (1 - Γf), dzi = dc c̃ Γi (1 - Γi),
+        # dzc = dc Γi (1 - c̃**2),      dzo = da tanh(c<t>) Γo (1 - Γo).
+        dG = jnp.concatenate([dc * prev.c, dc * cc, dc * gi, da * tc], axis=-1)
+        dz = dG * (1 - G) * (G + 2 * _gate_scale(G) - 1)  # (B, 4 n_a)
         return LSTMState(a=dz @ f.Wh, c=dc * gf), dz
 
     @staticmethod
@@ -157,7 +167,7 @@ LSTM_CELL = _LSTMCell()
 
 def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths=None,
          reverse: bool = False, truncate=None, time_major: bool = True,
-         probe=None, residuals: str = "gates", chunk=None):
+         probe=None, residuals: str | int = "gates", chunk=None):
     """Runs the LSTM over a sequence.
 
     Args:
@@ -179,7 +189,10 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
         and gate activations), ``"states"`` (states; gates recomputed chunk by
         chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
         chunk's forward rerun in the backward). Same gradients, less memory.
-      chunk: steps per chunk of the loops (default 8; sqrt(T) for "checkpoint").
+        An int is a budget in bytes: the fastest plan that fits (see
+        `jaxbptt.residual_plan`).
+      chunk: steps per chunk of the loops (default 8, moved to a divisor of T
+        within a factor of two when there is one; sqrt(T) for "checkpoint").
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final

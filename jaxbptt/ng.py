@@ -149,7 +149,7 @@ def _lstm_forward(x, a0, c0, parameters):
                                   opts=_one_chunk(xs.shape[0]))
     states, gates = saved.states, saved.res
     a, c = _time_major(states.a), _time_major(states.c)
-    ft, it, cct, ot = (_time_major(g) for g in gates)
+    ft, it, cct, ot = (_time_major(g) for g in jnp.split(gates, 4, axis=-1))
     y = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wy"], a) + parameters["by"][:, :, None])
     a_prevs = jnp.concatenate([a0[:, :, None], a[:, :, :-1]], axis=2)
     c_prevs = jnp.concatenate([c0[:, :, None], c[:, :, :-1]], axis=2)
@@ -189,7 +189,7 @@ def _lstm_backward(da, dc_T, steps):
     carry0 = LSTMState(steps[0][2].T, steps[0][3].T)
     xs = jnp.stack([s[8].T for s in steps])
     states = LSTMState(jnp.stack([s[0].T for s in steps]), jnp.stack([s[1].T for s in steps]))
-    gates = tuple(jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7))
+    gates = jnp.concatenate([jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7)], axis=-1)
     dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, _driver.Saved(states, gates),
                                    _time_major(da), LSTMState(jnp.zeros_like(dc_T.T), dc_T.T),
                                    opts=_one_chunk(len(steps)))

@@ -84,7 +84,7 @@ RNN_CELL = _RNNCell()
 
 def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         reverse: bool = False, truncate=None, time_major: bool = True,
-        probe=None, residuals: str = "gates", chunk=None):
+        probe=None, residuals: str | int = "gates", chunk=None):
     """Runs the tanh RNN over a sequence.
 
     Args:
@@ -106,7 +106,10 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         and gate activations), ``"states"`` (states; gates recomputed chunk by
         chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
         chunk's forward rerun in the backward). Same gradients, less memory.
-      chunk: steps per chunk of the loops (default 8; sqrt(T) for "checkpoint").
+        An int is a budget in bytes: the fastest plan that fits (see
+        `jaxbptt.residual_plan`).
+      chunk: steps per chunk of the loops (default 8, moved to a divisor of T
+        within a factor of two when there is one; sqrt(T) for "checkpoint").
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).

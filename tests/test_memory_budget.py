@@ -1,0 +1,85 @@
+"""residuals=<bytes>: the plan chosen for a memory budget, its gradients and its estimate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbptt as jb
+from cells import CELLS, cotangents, make, rel_err
+
+
+def _outcomes(params, xs):
+    """A budget forcing each plan the budgets of ``residual_plan`` can reach, from large to small."""
+    found = {}
+    budget = jb.residual_plan(params, xs, 2**40).bytes
+    while True:
+        try:
+            plan = jb.residual_plan(params, xs, budget)
+        except ValueError:
+            return found
+        found.setdefault(plan.residuals, (budget, plan))
+        budget = plan.bytes - 1
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_outcome_equals_autodiff(cell):
+    T = 12
+    fn, params, xs, state0 = make(cell, T, 4, 3, 5)
+    found = _outcomes(params, xs)
+    # The RNN keeps no gates: "states" is "gates" for it and never the cheaper plan.
+    assert set(found) == set(jb.RESIDUAL_POLICIES) - ({"states"} if cell == "rnn" else set())
+    xs = xs.at[9:, 2].set(jnp.nan)  # padding holds garbage
+    kw = dict(lengths=jnp.asarray([12, 5, 9, 0]), reverse=True)
+    cts = cotangents(fn, params, xs, state0)
+
+    def grads(**extra):
+        def both(args, cts):
+            out, pull = jax.vjp(lambda *a: fn(*a, **kw, **extra), *args)
+            return out, pull(cts)
+        return jax.jit(both)((params, xs, state0), cts)
+
+    ref = grads(backward="autodiff")
+    for policy, (budget, plan) in found.items():
+        assert plan.residuals == policy and plan.bytes <= budget
+        assert rel_err(grads(residuals=budget), ref) < 1e-12, (policy, plan)
+
+
+def test_plan_prefers_speed_and_respects_the_budget():
+    fn, params, xs, _ = make("lstm", 100, 8, 4, 16)
+    roomy = jb.residual_plan(params, xs, 2**40)
+    assert roomy.residuals == "gates" and roomy.chunk == 10  # the default: nothing recomputed
+    for budget in np.geomspace(roomy.bytes, roomy.bytes / 20, 25).astype(int):
+        try:
+            plan = jb.residual_plan(params, xs, int(budget))
+        except ValueError:
+            break
+        assert plan.bytes <= budget
+    assert plan.residuals == "checkpoint"
+
+
+def test_too_small_or_bad_budget():
+    fn, params, xs, state0 = make("gru-cudnn", 20, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"residuals=100 bytes is below the least .*\(T=20\): "
+                                         r"\d+ bytes with residuals='\w+', chunk=\d+"):
+        fn(params, xs, state0, residuals=100)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="a memory budget must be a positive int of bytes"):
+            jb.residual_plan(params, xs, bad)
+    with pytest.raises(ValueError, match="chunk= cannot be given with a memory budget"):
+        fn(params, xs, state0, residuals=10**9, chunk=4)
+    with pytest.raises(TypeError, match="params must be RNNParams, LSTMParams or GRUParams"):
+        jb.residual_plan({"W": xs}, xs, 10**9)
+
+
+def test_estimate_tracks_xla_temp_memory():
+    # The estimate against XLA's buffer assignment of the compiled gradient (not a timing).
+    fn, params, xs, state0 = make("lstm", 200, 32, 64, 128, dtype=np.float32)
+    loss = lambda p, x, **kw: jnp.sum(fn(p, x, state0, **kw)[0])  # noqa: E731
+    for policy in jb.RESIDUAL_POLICIES:
+        budget = _outcomes(params, xs)[policy][0]
+        plan = jb.residual_plan(params, xs, budget)
+        compiled = jax.jit(jax.grad(lambda p, x: loss(p, x, residuals=budget))).lower(
+            params, xs).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert 0.85 * plan.bytes < temp < 1.15 * plan.bytes, (policy, plan, temp)
