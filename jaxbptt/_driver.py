@@ -63,7 +63,7 @@ from jax import lax
 from jaxbptt import _checks
 
 POLICIES = ("gates", "states", "checkpoint")
-CHUNK = 8  # steps per chunk for "gates" and "states" (see experiments/RESULTS.md)
+CHUNK = 8  # steps per chunk for "gates" and "states" unless the cell says (``cell.chunk``)
 
 
 class Options(NamedTuple):
@@ -74,6 +74,7 @@ class Options(NamedTuple):
     probe: bool = False  # whether a probe is passed (its gradient is then emitted)
     residuals: str = "gates"
     chunk: Optional[int] = None  # steps per chunk; None: the policy's default
+    default_chunk: int = CHUNK  # the cell's K for "gates" and "states"
 
 
 class Saved(NamedTuple):
@@ -89,81 +90,10 @@ def chunk_size(T, opts):
     within a factor of two when there is one (padded steps would cost a mask per step)."""
     if opts.chunk is not None:
         return min(opts.chunk, T)
-    K = max(1, round(math.sqrt(T))) if opts.residuals == "checkpoint" else min(CHUNK, T)
+    K = (max(1, round(math.sqrt(T))) if opts.residuals == "checkpoint"
+         else min(opts.default_chunk, T))
     near = sorted(range(max(1, K // 2), 2 * K + 1), key=lambda d: (abs(d - K), d))
     return next((d for d in near if T % d == 0), K)
-
-
-class Plan(NamedTuple):
-    """A residual policy, its chunk size and the bytes it is estimated to keep."""
-
-    residuals: str
-    chunk: int
-    bytes: int
-
-
-def footprint(cell, params, B, n_x, n_a, dtype):
-    """Bytes per step of the state s, the residuals r, the pre-activations z, the
-    input x and the output y; and the bytes w of the (fused) weights."""
-    f = jax.eval_shape(cell.fuse, params)
-    carry = jax.eval_shape(lambda: cell.zero_state(B, n_a, dtype))
-    zx = jax.eval_shape(cell.project, f, jax.ShapeDtypeStruct((1, B, n_x), dtype))
-    zx_t = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape[1:], z.dtype), zx)
-    res = jax.eval_shape(lambda f, c, z: cell.step(f, c, z)[1], f, carry, zx_t)
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    return (nbytes(carry), nbytes(res), nbytes(zx_t), B * n_x * jnp.dtype(dtype).itemsize,
-            nbytes(jax.eval_shape(cell.output, carry)), nbytes(f))
-
-
-def plan_bytes(policy, K, T, s, r, z, x, y, w):
-    """What ``policy`` keeps through the backward, plus its transients, in bytes.
-
-    Kept: every state and residual ("gates"), every state ("states"), the state
-    entering each of the ceil(T/K) chunks ("checkpoint"). Transient: a chunk's
-    pre-activations, deltas and their transpose (3 z), input gradients (x), the
-    previous states (s), what the backward rebuilds (residuals r; states s on a
-    rerun), and the fused weights and their gradient accumulator (2 w). When K
-    does not divide T, the inputs and output cotangents are copied padded to n K
-    steps. Within 15 % of XLA's temp memory for the LSTM at the benchmark's shapes.
-    """
-    n = -(-T // K)
-    kept = {"gates": n * K * (s + r), "states": n * K * s, "checkpoint": n * s}[policy]
-    rebuilt = {"gates": s, "states": r + s, "checkpoint": r + 2 * s}[policy]
-    padded = n * K * (x + y) if n * K != T else 0
-    return kept + K * (3 * z + x + rebuilt) + 2 * w + padded
-
-
-# Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
-# the cost of short chunks: each chunk adds a fixed overhead of about one step.
-_RELATIVE_TIME = {"gates": 1.0, "states": 1.1, "checkpoint": 1.25}
-
-
-def plan(T, s, r, z, x, y, w, budget):
-    """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
-
-    The candidates are every policy at every chunk K (up to its default for
-    "gates" and "states", whose transients only grow with K); the estimated time
-    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
-    (padded steps are masked). For "checkpoint" this chooses how
-    many states to keep, ceil(T/K) (Gruslys et al. 2016, one level of
-    recomputation): the longest rerun chunk the budget allows. Raises
-    ``ValueError`` when nothing fits.
-    """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
-    plans = []
-    for policy in POLICIES:
-        top = T if policy == "checkpoint" else chunk_size(T, Options(residuals=policy))
-        plans += [Plan(policy, K, plan_bytes(policy, K, T, s, r, z, x, y, w)) for K in range(1, top + 1)]
-    fits = [p for p in plans if p.bytes <= budget]
-    if not fits:
-        least = min(plans, key=lambda p: p.bytes)
-        raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
-                         f"this run (T={T}): {least.bytes} bytes with "
-                         f"residuals={least.residuals!r}, chunk={least.chunk}")
-    def time(p):
-        return _RELATIVE_TIME[p.residuals] * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
-    return min(fits, key=lambda p: (time(p), p.bytes))
 
 
 class HiddenState:
@@ -467,7 +397,9 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     if not isinstance(residuals, str):  # a budget in bytes: the fastest plan that fits
         if chunk is not None:
             raise ValueError("chunk= cannot be given with a memory budget: the plan chooses it")
-        residuals, chunk, _ = plan(T, *footprint(cell, params, B, n_x, n_a, dtype), residuals)
+        from jaxbptt import memory  # noqa: PLC0415 (memory imports this module)
+        residuals, chunk, _ = memory.plan(T, *memory.footprint(cell, params, B, n_x, n_a, dtype),
+                                          residuals, getattr(cell, "chunk", CHUNK))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
@@ -478,7 +410,8 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     chunk = _checks.chunk(chunk)
     if backward == "autodiff" and chunk is None:
         chunk = T
-    opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk)
+    opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
+                   getattr(cell, "chunk", CHUNK))
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

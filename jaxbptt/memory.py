@@ -1,23 +1,103 @@
 """Residuals for a memory budget: ``residuals=<bytes>`` and `residual_plan`.
 
 Give any sequence function ``residuals=`` a number of bytes instead of a policy
-name and the forward keeps the fastest plan whose estimate fits: ``"gates"``,
-then ``"states"``, each at its default chunk and then smaller ones, then
-``"checkpoint"`` with as many kept states as the budget allows (see
-`jaxbptt._driver.plan`). `residual_plan` says what a call would choose.
+name and it runs the plan (policy and chunk size) of least estimated time whose
+estimated bytes fit (`plan`, `plan_bytes`). `residual_plan` says what a call
+would run.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
 from jaxbptt import _checks, _driver
-from jaxbptt.gru import GRU_CELLS, GRUParams, _spec, gru_variant
-from jaxbptt.lstm import _SPEC as _LSTM_SPEC
-from jaxbptt.lstm import LSTM_CELL, LSTMParams
-from jaxbptt.rnn import _SPEC as _RNN_SPEC
-from jaxbptt.rnn import RNN_CELL, RNNParams
+
+
+class Plan(NamedTuple):
+    """A residual policy, its chunk size and the bytes it is estimated to keep."""
+
+    residuals: str
+    chunk: int
+    bytes: int
+
+
+def footprint(cell, params, B, n_x, n_a, dtype):
+    """Bytes per step of the state s, the residuals r, the pre-activations z, the
+    input x and the output y; and the bytes w of the (fused) weights."""
+    f = jax.eval_shape(cell.fuse, params)
+    carry = jax.eval_shape(lambda: cell.zero_state(B, n_a, dtype))
+    zx = jax.eval_shape(cell.project, f, jax.ShapeDtypeStruct((1, B, n_x), dtype))
+    zx_t = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape[1:], z.dtype), zx)
+    res = jax.eval_shape(lambda f, c, z: cell.step(f, c, z)[1], f, carry, zx_t)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return (nbytes(carry), nbytes(res), nbytes(zx_t), B * n_x * jnp.dtype(dtype).itemsize,
+            nbytes(jax.eval_shape(cell.output, carry)), nbytes(f))
+
+
+def plan_bytes(policy, K, T, s, r, z, x, y, w):
+    """What ``policy`` keeps through the backward, plus its transients, in bytes.
+
+    Kept: every state and residual ("gates"), every state ("states"), the state
+    entering each of the ceil(T/K) chunks ("checkpoint"). Transient: a chunk's
+    pre-activations, deltas and their transpose (3 z), input gradients (x), the
+    previous states (s), what the backward rebuilds (residuals r; states s on a
+    rerun), and the fused weights and their gradient accumulator (2 w). When K
+    does not divide T, the inputs and output cotangents are copied padded to n K
+    steps. Within 15 % of XLA's temp memory for the LSTM at the benchmark's shapes.
+    """
+    n = -(-T // K)
+    kept = {"gates": n * K * (s + r), "states": n * K * s, "checkpoint": n * s}[policy]
+    rebuilt = {"gates": s, "states": r + s, "checkpoint": r + 2 * s}[policy]
+    padded = n * K * (x + y) if n * K != T else 0
+    return kept + K * (3 * z + x + rebuilt) + 2 * w + padded
+
+
+# Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
+# the cost of short chunks: each chunk adds a fixed overhead of about one step.
+_RELATIVE_TIME = {"gates": 1.0, "states": 1.1, "checkpoint": 1.25}
+
+
+def plan(T, s, r, z, x, y, w, budget, default_chunk=_driver.CHUNK):
+    """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
+
+    The candidates are every policy at every chunk K (up to its default for
+    "gates" and "states", whose transients only grow with K); the estimated time
+    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
+    (padded steps are masked). For "checkpoint" this chooses how
+    many states to keep, ceil(T/K) (Gruslys et al. 2016, one level of
+    recomputation): the longest rerun chunk the budget allows. Raises
+    ``ValueError`` when nothing fits.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
+    plans = []
+    for policy in _driver.POLICIES:
+        opts = _driver.Options(residuals=policy, default_chunk=default_chunk)
+        top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
+        plans += [Plan(policy, K, plan_bytes(policy, K, T, s, r, z, x, y, w))
+                  for K in range(1, top + 1)]
+    fits = [p for p in plans if p.bytes <= budget]
+    if not fits:
+        least = min(plans, key=lambda p: p.bytes)
+        raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
+                         f"this run (T={T}): {least.bytes} bytes with "
+                         f"residuals={least.residuals!r}, chunk={least.chunk}")
+
+    def time(p):
+        return _RELATIVE_TIME[p.residuals] * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
+    return min(fits, key=lambda p: (time(p), p.bytes))
 
 
 def _cell(params):
+    from jaxbptt.gru import GRU_CELLS, GRUParams, _spec, gru_variant  # noqa: PLC0415
+    from jaxbptt.lstm import _SPEC as _LSTM_SPEC  # noqa: PLC0415
+    from jaxbptt.lstm import LSTM_CELL, LSTMParams  # noqa: PLC0415
+    from jaxbptt.rnn import _SPEC as _RNN_SPEC  # noqa: PLC0415
+    from jaxbptt.rnn import RNN_CELL, RNNParams  # noqa: PLC0415
+
     if isinstance(params, LSTMParams):
         return LSTM_CELL, _LSTM_SPEC
     if isinstance(params, RNNParams):
@@ -29,7 +109,7 @@ def _cell(params):
                     f"{type(params).__name__}")
 
 
-def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> _driver.Plan:
+def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     """The plan ``rnn/lstm/gru(params, xs, residuals=budget)`` runs.
 
     Args:
@@ -51,4 +131,5 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> _drive
     n_a, n_x, dtype = _checks.params(params, spec)
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
-    return _driver.plan(T, *_driver.footprint(cell, params, B, n_x, n_a, dtype), budget)
+    return plan(T, *footprint(cell, params, B, n_x, n_a, dtype), budget,
+                getattr(cell, "chunk", _driver.CHUNK))

@@ -47,6 +47,8 @@ def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
 class _RNNCell(_driver.HiddenState):
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
+    chunk = 32  # its chunks keep little (no gates): longer ones pay (experiments/RESULTS.md)
+
     @staticmethod
     def fuse(p):
         return p
@@ -108,7 +110,7 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         chunk's forward rerun in the backward). Same gradients, less memory.
         An int is a budget in bytes: the fastest plan that fits (see
         `jaxbptt.residual_plan`).
-      chunk: steps per chunk of the loops (default 8, moved to a divisor of T
+      chunk: steps per chunk of the loops (default 32, moved to a divisor of T
         within a factor of two when there is one; sqrt(T) for "checkpoint").
 
     Returns:
