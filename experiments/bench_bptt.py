@@ -23,7 +23,8 @@ state(s), float32, for:
 
 JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead of time
 (the same executable gives the XLA temp memory and is timed). Method: one process, warm-up,
-then the runs interleaved round-robin across the variants of a shape; median and min.
+then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
+pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
 A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time.
@@ -175,21 +176,33 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True)
     return variants
 
 
+TORCH_SETTLE_S = 0.05  # PyTorch's OpenMP threads spin after a call; let them stop first
+
+
 def time_interleaved(variants, runs, warmup):
-    """Warm-up rounds, then ``runs`` round-robin rounds (start rotated each round); seconds."""
+    """Warm-up rounds, then ``runs`` rounds, each in a new random order; seconds.
+
+    A fixed cyclic order would always time the same variant right after PyTorch,
+    whose OpenMP worker threads keep spinning for a while after each call and
+    steal one of the two cores (measured: that variant ran 15 % slower). So the
+    order is shuffled every round and nothing is timed in the first
+    ``TORCH_SETTLE_S`` after a PyTorch run.
+    """
     for i in range(max(1, warmup)):
         for v in variants:
             out = v.run()
             if i == 0 and v.kind == "jax":
                 v.out = out
     times = {v.name: [] for v in variants}
-    n = len(variants)
-    for r in range(runs):
-        for j in range(n):
-            v = variants[(r + j) % n]
+    rng = np.random.default_rng(0)
+    for _ in range(runs):
+        for j in rng.permutation(len(variants)):
+            v = variants[j]
             t0 = time.perf_counter()
             v.run()
             times[v.name].append(time.perf_counter() - t0)
+            if v.kind == "torch":
+                time.sleep(TORCH_SETTLE_S)
     return times
 
 
