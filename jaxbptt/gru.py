@@ -258,14 +258,11 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
       probe: optional zeros shaped like the states over time (T, B, n_a),
         added to the state after every step; its gradient is dL/d(state<t>) for
         every t (see `jaxbptt.gradflow`).
-      residuals: what the forward keeps for ``backward="bptt"``: ``"gates"`` (states
-        and gate activations), ``"states"`` (states; gates recomputed chunk by
-        chunk in the backward) or ``"checkpoint"`` (one state per chunk; each
-        chunk's forward rerun in the backward). Same gradients, less memory.
-        An int is a budget in bytes: the fastest plan that fits (see
-        `jaxbptt.residual_plan`).
-      chunk: steps per chunk of the loops (default 8, moved to a divisor of T
-        within a factor of two when there is one; sqrt(T) for "checkpoint").
+      residuals: what the forward keeps for ``backward="bptt"``: ``"gates"``,
+        ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
+        table) or a budget in bytes (`jaxbptt.residual_plan`).
+      chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
+        ``"checkpoint"``).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
