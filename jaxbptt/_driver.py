@@ -7,10 +7,13 @@ A cell is a small static object (see ``rnn.py``, ``lstm.py``, ``gru.py``) supply
     apart), and the map of their gradient back to the params.
 ``project(f, xs) -> zx``
     the input projections ``W_x x<t> + b`` of a block of steps: one matmul.
+``gates(f, a_prev, zx_t) -> res_t``
+    every matmul of a step: what the backward needs beyond the states (the gate
+    activations), from the previous output. Written on the last axis, so it also
+    runs batched over (K, B, ...) blocks when the previous outputs are known.
 ``step(f, carry, zx_t) -> (carry_next, res_t)``
-    one forward step; ``res_t`` holds what the backward needs beyond the states
-    (the gate activations). Written on the last axis, so it also runs batched
-    over (T, B, ...) blocks when the previous states are known.
+    one forward step; a `Gated` cell makes it ``replay(carry, gates(...))``, where
+    ``replay(prev, res_t) -> carry_next`` is the elementwise rest of the step.
 ``step_bwd(f, carry_prev, carry, res_t, dcarry, dh_t) -> (dcarry_prev, dz_t)``
     the hand-derived per-step backward. ``dcarry`` is dL/d(state<t>) carried back
     from step t+1, ``dh_t`` the cotangent of the output ``hs[t]``; it returns
@@ -25,11 +28,16 @@ one over steps. Each chunk's input projection, and in the backward its weight an
 input gradients, are one matmul over K*B rows, so nothing of size T*B*gates is
 ever materialised but what the residual policy keeps:
 
-``"gates"``      the states and the gate activations of every step;
-``"states"``     the states only: each chunk's gates are recomputed in the backward
-                 by one batched ``step`` over the chunk (its matmul over K*B rows);
+``"gates"``      the gate activations of every step (`Gated` cells; the RNN keeps its
+                 states): the backward replays each chunk's states from the state
+                 entering it, without a matmul;
+``"states"``     the hidden states (outputs) of every step: each chunk's gates are
+                 recomputed in the backward by one batched ``gates`` over the chunk
+                 (its matmul over K*B rows), then its states replayed;
 ``"checkpoint"`` the state at the start of each chunk only (K ~ sqrt(T) by default,
                  Chen et al. 2016): the backward reruns each chunk's forward.
+
+(`_keeps` says exactly which arrays, `Saved`, each policy keeps for a cell.)
 
 The backward is a ``lax.scan`` over the chunks against time, each running the
 cell's ``step_bwd`` over its steps: BPTT, nothing differentiated automatically.
@@ -78,11 +86,12 @@ class Options(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What the forward keeps for the backward (fields unused by a policy are None)."""
+    """What the forward keeps for the backward (fields a policy does not keep are None)."""
 
-    states: Any = None  # (T', ...) every state ("gates", "states")
-    res: Any = None  # (T', ...) every step's residuals ("gates")
-    starts: Any = None  # (T'/K, ...) the state entering each chunk ("checkpoint")
+    states: Any = None  # (T', ...) every state
+    outputs: Any = None  # (T', ...) every output (hidden state), unmasked
+    res: Any = None  # (T', ...) every step's residuals (gate activations)
+    starts: Any = None  # (T'/K, ...) the state entering each chunk
 
 
 def chunk_size(T, opts):
@@ -114,6 +123,24 @@ class HiddenState:
     @staticmethod
     def check_state(a0, B, n_a, dtype):
         _checks.state("a0", a0, B, n_a, dtype)
+
+
+class Gated:
+    """The step of a cell whose state follows from the previous one and the step's
+    residuals without a matmul: ``step`` = ``replay`` after ``gates``.
+
+    ``gates(f, a_prev, zx_t) -> res_t``
+        the gate activations from the previous output and the input projection
+        (every matmul of the step; batched over (K, B, ...) blocks as well).
+    ``replay(prev, res_t) -> state``
+        the new state from the previous one and the gates (elementwise).
+
+    Such a cell's policies keep no state but each chunk's first (`_keeps`).
+    """
+
+    def step(self, f, carry, zx_t):
+        res = self.gates(f, self.output(carry), zx_t)
+        return self.replay(carry, res), res
 
 
 def affine(x, W, b):
@@ -225,15 +252,19 @@ def _masks(t, layout, B, opts):
     return valid, cut if valid is None else cut & valid
 
 
-def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit):
-    """The forward over one chunk; ``emit(new, res)`` chooses what each step stacks."""
+def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
+    """The forward over one chunk; ``emit(new, res)`` chooses what each step stacks.
+
+    ``step(carry, zx_t) -> (new, res_t)`` is ``cell.step`` unless given (a replay).
+    """
+    step = functools.partial(cell.step, f) if step is None else step
 
     def body(carry, step_in):
         zx_t, t, probe_t = step_in
         valid, cut = _masks(t, layout, B, opts)
         if cut is not None:
             carry = _where(cut, lax.stop_gradient(carry), carry)
-        new, res_t = cell.step(f, carry, zx_t)
+        new, res_t = step(carry, zx_t)
         if probe_t is not None:
             new = jax.tree.map(jnp.add, new, probe_t)
         if valid is not None:
@@ -257,6 +288,23 @@ def _chunk_starts(carry0, states, K, reverse):
     return jax.tree.map(lambda c, s: jnp.concatenate([c[None], s[K - 1:-1:K]]), carry0, states)
 
 
+def _keeps(cell, policy):
+    """The `Saved` fields ``policy`` keeps for ``cell``.
+
+    A `Gated` cell rebuilds a step's state from the previous one and the step's
+    residuals without a matmul, so its states need not be kept but at each chunk's
+    start: "gates" keeps the residuals, "states" the outputs (the hidden states,
+    from which one batched matmul per chunk gives the gates back).
+    """
+    if policy == "checkpoint":
+        return ("starts",)
+    if policy == "gates":
+        return ("res", "starts") if isinstance(cell, Gated) else ("states", "res")
+    if isinstance(cell, HiddenState):  # its outputs are its states
+        return ("states",)
+    return ("outputs", "starts")
+
+
 def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, *,
             keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
@@ -267,31 +315,30 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
     B = xs.shape[1]
     layout = _Layout.of(xs, lengths, opts)
     f = cell.fuse(params)
-    policy = opts.residuals if keep_residuals else None
-    emit = {"gates": lambda new, res: (new, res),
-            "states": lambda new, res: new}.get(policy, lambda new, res: cell.output(new))
+    keep = _keeps(cell, opts.residuals) if keep_residuals else ()
+
+    def emit(new, res):  # what each step stacks: the outputs (in the states if kept)
+        return Saved(states=new if "states" in keep else None,
+                     outputs=None if "states" in keep else cell.output(new),
+                     res=res if "res" in keep else None)
 
     def chunk_body(carry, chunk_in):
         xs_k, ts, probe_k = chunk_in
         end, ys = _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs_k), ts,
                              probe_k, emit)
-        return end, (ys, carry if policy == "checkpoint" else None)
+        return end, (ys, carry if "starts" in keep else None)
 
     probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
     carry_T, (ys, starts) = lax.scan(
         chunk_body, carry0, (layout.inputs(xs), layout.times(), probe_c), reverse=opts.reverse)
     ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
-    if policy == "gates":
-        saved = Saved(states=ys[0], res=ys[1])
-    elif policy == "states":
-        saved = Saved(states=ys)
-    else:
-        saved = Saved(starts=starts) if policy == "checkpoint" else None
-    hs = cell.output(saved.states) if policy in ("gates", "states") else ys
-    hs = hs[: layout.T]
-    if layout.lengths is not None:
+    hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.T]
+    if layout.lengths is not None:  # (the kept outputs stay unmasked: they are states)
         hs = jnp.where(layout.valid()[: layout.T, :, None], hs, 0)
-    return hs, carry_T, saved
+    if not keep_residuals:
+        return hs, carry_T, None
+    return hs, carry_T, ys._replace(outputs=ys.outputs if "outputs" in keep else None,
+                                    starts=starts)
 
 
 def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=Options(),
@@ -303,7 +350,6 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     B = xs.shape[1]
     layout = _Layout.of(xs, lengths, opts)
     f = cell.fuse(params)
-    policy = opts.residuals
 
     def step_bwd(dcarry, step_in):
         carry_prev, carry, res_t, dh_t, t = step_in
@@ -321,34 +367,36 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
 
     def chunk_body(acc, chunk_in):
         dcarry, df = acc
-        xs_k, ts, dh_k, stored = chunk_in
-        start, kept = stored  # the state entering the chunk; what the policy kept of it
-        if policy == "checkpoint":  # rerun this chunk's forward from its first state
+        xs_k, ts, dh_k, (start, kept, probe_k) = chunk_in  # kept: a Saved of this chunk
+        if opts.residuals == "checkpoint":  # rerun this chunk's forward from its first state
             states, res = _run_chunk(cell, f, layout, B, opts, start, cell.project(f, xs_k),
-                                     ts, kept, lambda new, res: (new, res))[1]
+                                     ts, probe_k, lambda new, res: (new, res))[1]
         else:
-            states, res = kept if policy == "gates" else (kept, None)
+            states, res = kept.states, kept.res
+            if res is None:  # the gates of every step of the chunk in one batched matmul
+                a_prevs = (cell.output(_prevs(start, states, opts.reverse)) if states is not None
+                           else _prevs(cell.output(start), kept.outputs, opts.reverse))
+                res = cell.gates(f, a_prevs, cell.project(f, xs_k))
+            if states is None:  # replayed from the chunk's first state: no matmul
+                states = _run_chunk(cell, f, layout, B, opts, start, res, ts, None,
+                                    lambda new, _: new,
+                                    lambda s, r: (cell.replay(s, r), None))[1]
         prevs = _prevs(start, states, opts.reverse)
-        if policy == "states":  # the gates of every step of the chunk in one batched step
-            res = cell.step(f, prevs, cell.project(f, xs_k))[1]
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
         return (dcarry, jax.tree.map(jnp.add, df, df_k)), (dxs_k, dstates)
 
-    if policy == "checkpoint":
-        probe = None
-        if with_probe:  # the rerun must add the probe as the forward did: it is zeros
-            probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
-                                 carry0)
-        stored = (saved.starts, probe)
-    else:  # saved over the padded time T'
-        kept = (saved.states, saved.res) if policy == "gates" else saved.states
-        stored = (_chunk_starts(carry0, saved.states, layout.K, opts.reverse),
-                  jax.tree.map(lambda x: x.reshape((layout.n, layout.K) + x.shape[1:]), kept))
+    starts, probe = saved.starts, None
+    if starts is None:  # picked from the kept states
+        starts = _chunk_starts(carry0, saved.states, layout.K, opts.reverse)
+    if opts.residuals == "checkpoint" and with_probe:  # the rerun adds the probe: it is zeros
+        probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
+                             carry0)
+    kept = jax.tree.map(layout.chunked, saved._replace(starts=None))  # (n, K, ...)
     (dcarry0, df), (dxs, dstates) = lax.scan(
         chunk_body, (dcarry_T, _varying_like(_zeros(f), xs)),
-        (layout.inputs(xs), layout.times(), layout.chunked(dhs), stored),
+        (layout.inputs(xs), layout.times(), layout.chunked(dhs), (starts, kept, probe)),
         reverse=not opts.reverse)
     grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
     if with_probe:
@@ -398,7 +446,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         if chunk is not None:
             raise ValueError("chunk= cannot be given with a memory budget: the plan chooses it")
         from jaxbptt import memory  # noqa: PLC0415 (memory imports this module)
-        residuals, chunk, _ = memory.plan(T, *memory.footprint(cell, params, B, n_x, n_a, dtype),
+        residuals, chunk, _ = memory.plan(T, memory.footprint(cell, params, B, n_x, n_a, dtype),
                                           residuals, getattr(cell, "chunk", CHUNK))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])

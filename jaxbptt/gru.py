@@ -120,12 +120,17 @@ def _unfuse(Wh, Wx, b, bch):
     return GRUParams(dW[0], db[0], dW[1], db[1], dW[2], db[2], bch)
 
 
-class _GRUCell(_driver.HiddenState):
-    """What both variants share: the input projection and the state a<t>."""
+class _GRUCell(_driver.Gated, _driver.HiddenState):
+    """What both variants share: the input projection and the state update."""
 
     @staticmethod
     def project(f, xs):
         return _driver.affine(xs, f.Wx, f.b)  # (T, B, 3 n_a): W*x x<t> + b* for all t
+
+    @staticmethod
+    def replay(a_prev, res):
+        gu, _, cc = res[:3]
+        return gu * cc + (1 - gu) * a_prev
 
 
 class _CourseGRUCell(_GRUCell):
@@ -142,12 +147,12 @@ class _CourseGRUCell(_GRUCell):
         return _unfuse(jnp.concatenate([g.Wurh, g.Wch]), g.Wx, g.b, None)
 
     @staticmethod
-    def step(f, a_prev, zx_t):
+    def gates(f, a_prev, zx_t):
         zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
         zhu, zhr = jnp.split(a_prev @ f.Wurh.T, 2, axis=-1)
         gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
         cc = jnp.tanh(zxc + (gr * a_prev) @ f.Wch.T)
-        return gu * cc + (1 - gu) * a_prev, (gu, gr, cc)
+        return gu, gr, cc
 
     @staticmethod
     def step_bwd(f, a_prev, a, res, da_next, dh):
@@ -187,12 +192,12 @@ class _CudnnGRUCell(_GRUCell):
         return _unfuse(g.Wh, g.Wx, g.b, jnp.split(g.bh, 3)[2])
 
     @staticmethod
-    def step(f, a_prev, zx_t):
+    def gates(f, a_prev, zx_t):
         zxu, zxr, zxc = jnp.split(zx_t, 3, axis=-1)
         zhu, zhr, hc = jnp.split(_driver.affine(a_prev, f.Wh, f.bh), 3, axis=-1)
         gu, gr = jax.nn.sigmoid(zxu + zhu), jax.nn.sigmoid(zxr + zhr)
         cc = jnp.tanh(zxc + gr * hc)
-        return gu * cc + (1 - gu) * a_prev, (gu, gr, cc, hc)
+        return gu, gr, cc, hc
 
     @staticmethod
     def step_bwd(f, a_prev, a, res, da_next, dh):

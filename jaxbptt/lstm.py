@@ -91,7 +91,7 @@ def _gate_scale(z):
     return k.reshape((1,) * (z.ndim - 1) + k.shape)
 
 
-class _LSTMCell:
+class _LSTMCell(_driver.Gated):
     """The LSTM for the driver: carry LSTMState, residuals the gates [Γf, Γi, c̃, Γo] (B, 4 n_a)."""
 
     @staticmethod
@@ -111,14 +111,17 @@ class _LSTMCell:
         return _driver.affine(xs, f.Wx, f.b)  # (T, B, 4 n_a): W*x x<t> + b* for all t
 
     @staticmethod
-    def step(f, s, zx_t):
-        z = zx_t + s.a @ f.Wh.T
+    def gates(f, a_prev, zx_t):
+        z = zx_t + a_prev @ f.Wh.T
         k = _gate_scale(z)
-        G = k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
+        return k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
+
+    @staticmethod
+    def replay(prev, G):
         gf, gi, cc, go = jnp.split(G, 4, axis=-1)
-        c = gf * s.c + gi * cc
+        c = gf * prev.c + gi * cc
         a = go * jnp.tanh(c)
-        return LSTMState(a, c), G
+        return LSTMState(a, c)
 
     @staticmethod
     def step_bwd(f, prev, s, G, ds_next, dh):

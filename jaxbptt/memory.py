@@ -24,35 +24,53 @@ class Plan(NamedTuple):
     bytes: int
 
 
+class Footprint(NamedTuple):
+    """Bytes per step of the state, the residuals, the pre-activations, the input and
+    the output, the bytes of the (fused) weights, and what each policy keeps."""
+
+    s: int
+    r: int
+    z: int
+    x: int
+    y: int
+    w: int
+    keeps: dict  # policy -> the `Saved` fields it keeps for this cell
+
+
 def footprint(cell, params, B, n_x, n_a, dtype):
-    """Bytes per step of the state s, the residuals r, the pre-activations z, the
-    input x and the output y; and the bytes w of the (fused) weights."""
+    """The `Footprint` of ``cell`` at batch B."""
     f = jax.eval_shape(cell.fuse, params)
     carry = jax.eval_shape(lambda: cell.zero_state(B, n_a, dtype))
     zx = jax.eval_shape(cell.project, f, jax.ShapeDtypeStruct((1, B, n_x), dtype))
     zx_t = jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape[1:], z.dtype), zx)
     res = jax.eval_shape(lambda f, c, z: cell.step(f, c, z)[1], f, carry, zx_t)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    return (nbytes(carry), nbytes(res), nbytes(zx_t), B * n_x * jnp.dtype(dtype).itemsize,
-            nbytes(jax.eval_shape(cell.output, carry)), nbytes(f))
+    return Footprint(nbytes(carry), nbytes(res), nbytes(zx_t), B * n_x * jnp.dtype(dtype).itemsize,
+                     nbytes(jax.eval_shape(cell.output, carry)), nbytes(f),
+                     {p: _driver._keeps(cell, p) for p in _driver.POLICIES})
 
 
-def plan_bytes(policy, K, T, s, r, z, x, y, w):
+def plan_bytes(policy, K, T, fp):
     """What ``policy`` keeps through the backward, plus its transients, in bytes.
 
-    Kept: every state and residual ("gates"), every state ("states"), the state
-    entering each of the ceil(T/K) chunks ("checkpoint"). Transient: a chunk's
-    pre-activations, deltas and their transpose (3 z), input gradients (x), the
-    previous states (s), what the backward rebuilds (residuals r; states s on a
-    rerun), and the fused weights and their gradient accumulator (2 w). When K
-    does not divide T, the inputs and output cotangents are copied padded to n K
-    steps. Within 15 % of XLA's temp memory for the LSTM at the benchmark's shapes.
+    Kept, per step: the states s, outputs y or residuals r the policy keeps for this
+    cell (`_driver._keeps`), and the state s entering each of the ceil(T/K) chunks.
+    Transient: a chunk's pre-activations, deltas and their transpose (3 z), input
+    gradients (x), the previous states (s), and what the backward rebuilds: the
+    residuals (r) and the states (s), unless kept, and the previous outputs (y)
+    they are recomputed from; the fused weights and their gradient accumulator
+    (2 w). When K does not divide T, the inputs and output cotangents are copied
+    padded to n K steps. Within 15 % of XLA's temp memory for the LSTM at the
+    benchmark's shapes.
     """
     n = -(-T // K)
-    kept = {"gates": n * K * (s + r), "states": n * K * s, "checkpoint": n * s}[policy]
-    rebuilt = {"gates": s, "states": r + s, "checkpoint": r + 2 * s}[policy]
-    padded = n * K * (x + y) if n * K != T else 0
-    return kept + K * (3 * z + x + rebuilt) + 2 * w + padded
+    keep = fp.keeps[policy]
+    per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
+    kept = sum(n * K * per_step[k] for k in keep if k in per_step) + n * fp.s * ("starts" in keep)
+    rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
+               + (fp.y if "outputs" in keep else 0))
+    padded = n * K * (fp.x + fp.y) if n * K != T else 0
+    return kept + K * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
 
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
@@ -60,7 +78,7 @@ def plan_bytes(policy, K, T, s, r, z, x, y, w):
 _RELATIVE_TIME = {"gates": 1.0, "states": 1.1, "checkpoint": 1.25}
 
 
-def plan(T, s, r, z, x, y, w, budget, default_chunk=_driver.CHUNK):
+def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
 
     The candidates are every policy at every chunk K (up to its default for
@@ -77,8 +95,7 @@ def plan(T, s, r, z, x, y, w, budget, default_chunk=_driver.CHUNK):
     for policy in _driver.POLICIES:
         opts = _driver.Options(residuals=policy, default_chunk=default_chunk)
         top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
-        plans += [Plan(policy, K, plan_bytes(policy, K, T, s, r, z, x, y, w))
-                  for K in range(1, top + 1)]
+        plans += [Plan(policy, K, plan_bytes(policy, K, T, fp)) for K in range(1, top + 1)]
     fits = [p for p in plans if p.bytes <= budget]
     if not fits:
         least = min(plans, key=lambda p: p.bytes)
@@ -131,5 +148,5 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     n_a, n_x, dtype = _checks.params(params, spec)
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
-    return plan(T, *footprint(cell, params, B, n_x, n_a, dtype), budget,
+    return plan(T, footprint(cell, params, B, n_x, n_a, dtype), budget,
                 getattr(cell, "chunk", _driver.CHUNK))

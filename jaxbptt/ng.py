@@ -112,7 +112,7 @@ def rnn_backward(da, caches):
     a0 = steps[0][1].T
     xs = jnp.stack([c[2].T for c in steps])
     states = jnp.stack([c[0].T for c in steps])
-    dp, dxs, da0 = _driver.backward(RNN_CELL, p, xs, a0, _driver.Saved(states, ()),
+    dp, dxs, da0 = _driver.backward(RNN_CELL, p, xs, a0, _driver.Saved(states=states, res=()),
                                     _time_major(da), jnp.zeros_like(a0), opts=_one_chunk(T))
     return {"dx": _time_major(dxs), "da0": da0.T, "dWax": dp.Wax, "dWaa": dp.Waa,
             "dba": _col(dp.ba)}
@@ -145,9 +145,10 @@ def _lstm_forward(x, a0, c0, parameters):
     p = _lstm_params(parameters)
     xs = _time_major(x)
     _checks.sequence(xs, p.Wf.shape[1] - p.Wf.shape[0], p.Wf.dtype)
-    _, _, saved = _driver.forward(LSTM_CELL, p, xs, LSTMState(a0.T, c0.T),
-                                  opts=_one_chunk(xs.shape[0]))
-    states, gates = saved.states, saved.res
+    state0 = LSTMState(a0.T, c0.T)
+    gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2].res
+    replay = lambda s, G: (LSTM_CELL.replay(s, G),) * 2  # noqa: E731 (states from the gates)
+    states = jax.lax.scan(replay, state0, gates)[1]
     a, c = _time_major(states.a), _time_major(states.c)
     ft, it, cct, ot = (_time_major(g) for g in jnp.split(gates, 4, axis=-1))
     y = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wy"], a) + parameters["by"][:, :, None])
@@ -190,8 +191,9 @@ def _lstm_backward(da, dc_T, steps):
     xs = jnp.stack([s[8].T for s in steps])
     states = LSTMState(jnp.stack([s[0].T for s in steps]), jnp.stack([s[1].T for s in steps]))
     gates = jnp.concatenate([jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7)], axis=-1)
-    dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, _driver.Saved(states, gates),
-                                   _time_major(da), LSTMState(jnp.zeros_like(dc_T.T), dc_T.T),
+    saved = _driver.Saved(states=states, res=gates)
+    dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, saved, _time_major(da),
+                                   LSTMState(jnp.zeros_like(dc_T.T), dc_T.T),
                                    opts=_one_chunk(len(steps)))
     g = {"dx": _time_major(dxs), "da0": d0.a.T, "dc0": d0.c.T}
     for gate in _LSTM_GATES:

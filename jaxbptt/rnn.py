@@ -66,6 +66,10 @@ class _RNNCell(_driver.HiddenState):
         return jnp.tanh(zx_t + a_prev @ p.Waa.T), ()
 
     @staticmethod
+    def gates(p, a_prev, zx_t):  # none: tanh' comes from a<t> itself
+        return ()
+
+    @staticmethod
     def step_bwd(p, a_prev, a, res, da_next, dh):
         del a_prev, res
         da = da_next + dh  # dL/da<t>: through a<t+1>, and as an output
