@@ -148,17 +148,38 @@ def affine(x, W, b):
     return x @ W.T + b.reshape((1,) * (x.ndim - 1) + b.shape)
 
 
-def contract_rows(subscripts, a, b):
-    """``jnp.einsum`` summing over time and batch rows: a weight gradient.
+def _row_axes(x):
+    """The mesh axes ``x`` is sharded over (Explicit axes only; empty otherwise)."""
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    return tuple(axis for entry in spec if entry is not None
+                 for axis in (entry if isinstance(entry, tuple) else (entry,)))
+
+
+def _on_mesh_of(like, unreduced=()):
+    """A sharding on ``like``'s mesh: replicated, or unreduced over the axes ``unreduced``."""
+    spec = jax.sharding.PartitionSpec(unreduced=set(unreduced))
+    return jax.sharding.NamedSharding(jax.typeof(like).sharding.mesh, spec)
+
+
+def contract_rows(subscripts, *operands, unreduced=False):
+    """``jnp.einsum`` summing over time and batch rows: a weight or bias gradient.
 
     On a mesh with Explicit axes (``jax.make_mesh``'s default) the rows may be
-    sharded; the result is then asked for replicated, which is an all-reduce.
+    sharded. The sum over them is then an all-reduce, asked for by a replicated
+    result; or, with ``unreduced=True``, left as each device's partial sum (typed
+    unreduced), which is how the backward accumulates its chunks and reduces once.
     """
-    sharding = jax.typeof(a).sharding
-    if any(axis is not None for axis in getattr(sharding, "spec", ())):
-        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        return jnp.einsum(subscripts, a, b, out_sharding=out)
-    return jnp.einsum(subscripts, a, b)
+    axes = _row_axes(operands[0])
+    if not axes:
+        return jnp.einsum(subscripts, *operands)
+    out = _on_mesh_of(operands[0], axes if unreduced else ())
+    return jnp.einsum(subscripts, *operands, out_sharding=out)
+
+
+def chunk_sum(subscripts, *operands):
+    """A chunk's weight or bias gradient in a cell's ``chunk_grads``: `contract_rows`
+    left unreduced on sharded rows (the driver adds up the chunks, then reduces once)."""
+    return contract_rows(subscripts, *operands, unreduced=True)
 
 
 def _vma(x):
@@ -394,10 +415,16 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
                              carry0)
     kept = jax.tree.map(layout.chunked, saved._replace(starts=None))  # (n, K, ...)
+    df = _varying_like(_zeros(f), xs)
+    rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
+    if rows:
+        df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
     (dcarry0, df), (dxs, dstates) = lax.scan(
-        chunk_body, (dcarry_T, _varying_like(_zeros(f), xs)),
+        chunk_body, (dcarry_T, df),
         (layout.inputs(xs), layout.times(), layout.chunked(dhs), (starts, kept, probe)),
         reverse=not opts.reverse)
+    if rows:
+        df = jax.tree.map(lambda g: jax.reshard(g, _on_mesh_of(xs)), df)
     grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
     if with_probe:
         return (*grads, jax.tree.map(layout.unchunked, dstates))

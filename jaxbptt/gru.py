@@ -171,10 +171,10 @@ class _CourseGRUCell(_GRUCell):
     def chunk_grads(f, xs, a_prevs, res, dz):
         _, gr, _ = res
         n_a = a_prevs.shape[-1]
-        g = _CourseFused(Wurh=_driver.contract_rows("tbg,tbj->gj", dz[..., : 2 * n_a], a_prevs),
-                         Wch=_driver.contract_rows("tbg,tbj->gj", dz[..., 2 * n_a:], gr * a_prevs),
-                         Wx=_driver.contract_rows("tbg,tbj->gj", dz, xs),
-                         b=dz.sum((0, 1)))
+        rows = _driver.chunk_sum  # sums over t and b
+        g = _CourseFused(Wurh=rows("tbg,tbj->gj", dz[..., : 2 * n_a], a_prevs),
+                         Wch=rows("tbg,tbj->gj", dz[..., 2 * n_a:], gr * a_prevs),
+                         Wx=rows("tbg,tbj->gj", dz, xs), b=rows("tbg->g", dz))
         return g, dz @ f.Wx
 
 
@@ -217,8 +217,9 @@ class _CudnnGRUCell(_GRUCell):
         dzh, dzc = dz
         n_a = a_prevs.shape[-1]
         dz_x = jnp.concatenate([dzh[..., : 2 * n_a], dzc], axis=-1)  # [dzu; dzr; dzc]
-        g = _CudnnFused(Wh=_driver.contract_rows("tbg,tbj->gj", dzh, a_prevs), bh=dzh.sum((0, 1)),
-                        Wx=_driver.contract_rows("tbg,tbj->gj", dz_x, xs), b=dz_x.sum((0, 1)))
+        rows = _driver.chunk_sum  # sums over t and b
+        g = _CudnnFused(Wh=rows("tbg,tbj->gj", dzh, a_prevs), bh=rows("tbg->g", dzh),
+                        Wx=rows("tbg,tbj->gj", dz_x, xs), b=rows("tbg->g", dz_x))
         return g, dz_x @ f.Wx
 
 

@@ -139,9 +139,9 @@ class _LSTMCell(_driver.Gated):
     @staticmethod
     def chunk_grads(f, xs, prevs, gates, dz):
         del gates
-        g = _Fused(Wh=_driver.contract_rows("tbg,tbj->gj", dz, prevs.a),  # sum_t dz [a<t-1>; x<t>]^T
-                   Wx=_driver.contract_rows("tbg,tbj->gj", dz, xs),
-                   b=dz.sum((0, 1)))
+        rows = _driver.chunk_sum  # sums over t and b: sum_t dz [a<t-1>; x<t>]^T, sum_t dz
+        g = _Fused(Wh=rows("tbg,tbj->gj", dz, prevs.a), Wx=rows("tbg,tbj->gj", dz, xs),
+                   b=rows("tbg->g", dz))
         return g, dz @ f.Wx
 
     @staticmethod

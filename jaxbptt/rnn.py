@@ -79,9 +79,9 @@ class _RNNCell(_driver.HiddenState):
     @staticmethod
     def chunk_grads(p, xs, a_prevs, res, dz):
         del res
-        g = RNNParams(Wax=_driver.contract_rows("tbi,tbj->ij", dz, xs),
-                      Waa=_driver.contract_rows("tbi,tbj->ij", dz, a_prevs),
-                      ba=dz.sum((0, 1)))
+        rows = _driver.chunk_sum  # sums over t and b
+        g = RNNParams(Wax=rows("tbi,tbj->ij", dz, xs), Waa=rows("tbi,tbj->ij", dz, a_prevs),
+                      ba=rows("tbi->i", dz))
         return g, dz @ p.Wax
 
 

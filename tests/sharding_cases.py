@@ -362,12 +362,18 @@ def explicit_mesh(cases):
         row = {"model": name, "backward": backward, "axis_types": str(mesh.axis_types),
                "error": None, "grad_rel_err": None}
         try:
-            _, got = jax.jit(step_fn(pb, backward))(*put(pb.args(), pb.specs(), mesh))
+            args = put(pb.args(), pb.specs(), mesh)
+            compiled = jax.jit(step_fn(pb, backward)).lower(*args).compile()
+            _, got = compiled(*args)
         except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         else:
             row["grad_rel_err"] = rel_err(got, reference(pb, backward)[1])
             row["dxs_batch_sharded"] = _is(got[1].sharding, mesh, BATCH, 3)
+            row["dparams_replicated"] = all(g.sharding.is_fully_replicated
+                                            for g in jax.tree.leaves(got[0]))
+            row["n_params"] = pb.n_params()
+            row.update(hlo_summary(compiled, mesh.size))
         rows.append(row)
     return rows
 
