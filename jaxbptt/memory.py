@@ -75,7 +75,7 @@ def plan_bytes(policy, K, T, fp):
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
 # the cost of short chunks: each chunk adds a fixed overhead of about one step.
-_RELATIVE_TIME = {"gates": 1.0, "states": 1.1, "checkpoint": 1.25}
+_RELATIVE_TIME = {"gates": 1.0, "states": 1.2, "checkpoint": 1.3}
 
 
 def plan(T, fp, budget, default_chunk=_driver.CHUNK):
