@@ -27,7 +27,8 @@ then rounds over the variants of a shape, each round in a new random order (PyTo
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
-A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time.
+A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time, with
+two-level checkpointing (chunk=(64, 8)) as one more variant.
 
 Writes results/bench_bptt.json and results/bench_memory_vs_T.png
 (with --quick: bench_bptt_quick.json and bench_memory_vs_T_quick.png, not to clobber a full run).
@@ -59,6 +60,7 @@ QUICK_SHAPES = {
     "rnn": [(50, 16, 32, 64)],
 }
 SWEEP_SHAPE = (32, 64, 128)  # B, n_x, n_a of the T sweep (LSTM)
+NESTED = (64, 8)  # two-level checkpointing in the T sweep: chunks of 64 steps, sub-chunks of 8
 QUICK_SWEEP_SHAPE = (8, 16, 32)
 MiB = 2.0**20
 
@@ -135,8 +137,9 @@ def compile_jax(name, fwd, params, xs, state0, w):
                    temp)
 
 
-def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True):
-    """Every variant of one (cell, shape), JAX ones compiled; torch only if with_peers_time."""
+def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, nested=None):
+    """Every variant of one (cell, shape), JAX ones compiled; torch only if with_peers_time;
+    ``nested``: also checkpointing nested in chunks of these sizes (K1, K2)."""
     T, B, n_x, n_a = shape
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     xs = jax.random.normal(k[0], (T, B, n_x), jnp.float32)
@@ -153,6 +156,9 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True)
         for pol in policies:
             specs.append((f"bptt[{pol}]",
                           lambda pol=pol: (peers.jaxbptt_fwd(cell, "bptt", pol), params, s0)))
+    if nested is not None and policies is not None and "checkpoint" in policies:
+        specs.append((f"bptt[checkpoint {nested[0]}/{nested[1]}]", lambda: (
+            peers.jaxbptt_fwd(cell, "bptt", "checkpoint", nested), params, s0)))
     specs.append(("autodiff", lambda: (peers.jaxbptt_fwd(cell, "autodiff"), params, s0)))
     specs.append(("scan", lambda: peers.scan_setup(cell, k[4], n_x, n_a, a0, c0)))
     specs.append(("remat", lambda: peers.remat_setup(cell, k[4], n_x, n_a, a0, c0)))
@@ -439,7 +445,8 @@ def main():
             print(f"[sweep T={T}] compiling{' and timing' if timed else ' (memory only)'} ...",
                   flush=True)
             variants = build_variants("lstm", (T, sB, sx, sa), policies, avail, notes,
-                                      with_peers_time=timed)
+                                      with_peers_time=timed,
+                                      nested=NESTED if T % NESTED[0] == 0 else None)
             times = time_interleaved(variants, runs, args.warmup) if timed else {}
             sweep_rows += summarize("lstm", (T, sB, sx, sa), variants, times, peak)
             del variants

@@ -146,8 +146,19 @@ def truncate(k):
     return _static_steps("truncate", k)
 
 
-def chunk(k):
-    return _static_steps("chunk", k)
+def chunk(k, residuals):
+    """``None``, a positive int, or (``"checkpoint"`` only) a tuple of them, outermost
+    first, each dividing the one before: the chunk sizes of nested checkpointing."""
+    if not isinstance(k, tuple):
+        return _static_steps("chunk", k)
+    if residuals != "checkpoint" or not k:
+        raise ValueError(f"a tuple chunk= (nested chunk sizes) needs residuals='checkpoint', "
+                         f"got chunk={k!r} with residuals={residuals!r}")
+    sizes = tuple(_static_steps("chunk", x) for x in k)
+    for outer, inner in zip(sizes, sizes[1:]):
+        if inner is None or outer is None or outer % inner:
+            raise ValueError(f"nested chunk sizes must each divide the one before, got {k!r}")
+    return sizes
 
 
 def probe(p, state0, T):

@@ -35,7 +35,10 @@ ever materialised but what the residual policy keeps:
                  recomputed in the backward by one batched ``gates`` over the chunk
                  (its matmul over K*B rows), then its states replayed;
 ``"checkpoint"`` the state at the start of each chunk only (K ~ sqrt(T) by default,
-                 Chen et al. 2016): the backward reruns each chunk's forward.
+                 Chen et al. 2016): the backward reruns each chunk's forward. Nested
+                 (``chunk=(K1, K2, ...)``): the rerun of a K1 chunk keeps only the
+                 states entering its K2 sub-chunks, and so on, each level's backward
+                 rerunning the next (Chen et al.'s recursion, one more forward per level).
 
 (`_keeps` says exactly which arrays, `Saved`, each policy keeps for a cell.)
 
@@ -82,6 +85,7 @@ class Options(NamedTuple):
     probe: bool = False  # whether a probe is passed (its gradient is then emitted)
     residuals: str = "gates"
     chunk: Optional[int] = None  # steps per chunk; None: the policy's default
+    levels: tuple = ()  # "checkpoint" nested in chunks of these sizes (each divides the last)
     default_chunk: int = CHUNK  # the cell's K for "gates" and "states"
 
 
@@ -295,6 +299,22 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
     return lax.scan(body, carry, (zx, ts, probe), reverse=opts.reverse)
 
 
+def _run_span(cell, f, layout, B, opts, carry, xs, ts, probe, emit):
+    """`_run_chunk` over a span of steps that nested checkpointing treats as one chunk,
+    in sub-chunks of the innermost chunk size (the input projection of one at a time)."""
+    if not opts.levels:
+        return _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs), ts, probe, emit)
+    split = lambda x: x.reshape((-1, opts.levels[-1]) + x.shape[1:])  # noqa: E731
+
+    def body(carry, sub_in):
+        xs_j, ts_j, probe_j = sub_in
+        return _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs_j), ts_j,
+                          probe_j, emit)
+
+    end, ys = lax.scan(body, carry, jax.tree.map(split, (xs, ts, probe)), reverse=opts.reverse)
+    return end, jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), ys)
+
+
 def _prevs(start, states, reverse):
     """The state each step of a block started from: ``start``, then the block's own."""
     if reverse:
@@ -345,8 +365,7 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
 
     def chunk_body(carry, chunk_in):
         xs_k, ts, probe_k = chunk_in
-        end, ys = _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs_k), ts,
-                             probe_k, emit)
+        end, ys = _run_span(cell, f, layout, B, opts, carry, xs_k, ts, probe_k, emit)
         return end, (ys, carry if "starts" in keep else None)
 
     probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
@@ -386,9 +405,29 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
             dprev = _where(cut, _zeros(dprev), dprev)
         return dprev, (dz, dstate)
 
-    def chunk_body(acc, chunk_in):
+    def nested(acc, xs_k, ts, dh_k, start, probe_k, levels):
+        """A chunk's backward, nested: rerun its forward keeping the state entering each of
+        its sub-chunks of ``levels[0]`` steps, then run over them against time."""
+        split = lambda x: x.reshape((-1, levels[0]) + x.shape[1:])  # noqa: E731
+        xs_s, ts_s, dh_s, probe_s = jax.tree.map(split, (xs_k, ts, dh_k, probe_k))
+
+        def rerun(carry, sub_in):
+            xs_j, ts_j, probe_j = sub_in
+            end = _run_span(cell, f, layout, B, opts, carry, xs_j, ts_j, probe_j,
+                            lambda new, res: None)[0]
+            return end, carry
+
+        starts = lax.scan(rerun, start, (xs_s, ts_s, probe_s), reverse=opts.reverse)[1]
+        acc, ys = lax.scan(functools.partial(chunk_body, levels=levels[1:]), acc,
+                           (xs_s, ts_s, dh_s, (starts, None, probe_s)),
+                           reverse=not opts.reverse)
+        return acc, jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), ys)
+
+    def chunk_body(acc, chunk_in, levels=opts.levels):
         dcarry, df = acc
         xs_k, ts, dh_k, (start, kept, probe_k) = chunk_in  # kept: a Saved of this chunk
+        if levels:
+            return nested(acc, xs_k, ts, dh_k, start, probe_k, levels)
         if opts.residuals == "checkpoint":  # rerun this chunk's forward from its first state
             states, res = _run_chunk(cell, f, layout, B, opts, start, cell.project(f, xs_k),
                                      ts, probe_k, lambda new, res: (new, res))[1]
@@ -482,11 +521,16 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     cell.check_state(state0, B, n_a, dtype)
     state0 = _varying_like(state0, xs)  # inside shard_map the carry varies like xs
     lengths = _checks.lengths(lengths, B)
-    chunk = _checks.chunk(chunk)
+    chunk, levels = _checks.chunk(chunk, residuals), ()
+    if isinstance(chunk, tuple):
+        chunk, levels = chunk[0], chunk[1:]
+        if min(chunk, T) % levels[0]:
+            raise ValueError(f"chunk={(chunk, *levels)!r}: the outer chunk of {min(chunk, T)} "
+                             f"steps (T={T}) is not a multiple of {levels[0]}")
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
-                   getattr(cell, "chunk", CHUNK))
+                   levels, getattr(cell, "chunk", CHUNK))
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

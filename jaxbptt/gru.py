@@ -268,7 +268,8 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).
       chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
-        ``"checkpoint"``).
+        ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
+        reruns (each size dividing the one before).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).

@@ -192,7 +192,8 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).
       chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
-        ``"checkpoint"``).
+        ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
+        reruns (each size dividing the one before).
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final

@@ -17,10 +17,11 @@ from jaxbptt import _checks, _driver
 
 
 class Plan(NamedTuple):
-    """A residual policy, its chunk size and the bytes it is estimated to keep."""
+    """A residual policy, its chunk size (nested sizes for two-level checkpointing) and
+    the bytes it is estimated to keep."""
 
     residuals: str
-    chunk: int
+    chunk: int | tuple
     bytes: int
 
 
@@ -60,22 +61,37 @@ def plan_bytes(policy, K, T, fp):
     residuals (r) and the states (s), unless kept, and the previous outputs (y)
     they are recomputed from; the fused weights and their gradient accumulator
     (2 w). When K does not divide T, the inputs and output cotangents are copied
-    padded to n K steps. Within 15 % of XLA's temp memory for the LSTM at the
-    benchmark's shapes.
+    padded to n K steps. Nested checkpointing, K = (K1, K2, ...): the ceil(T/K1)
+    states kept, the states entering the sub-chunks of one chunk at every level,
+    one outer chunk's inputs, output cotangents and input gradients (2 x + y per
+    step), and the innermost chunk's transients as above. Within 15 % of XLA's temp
+    memory for the LSTM at the benchmark's shapes.
     """
-    n = -(-T // K)
+    sizes = K if isinstance(K, tuple) else (K,)
+    n = -(-T // sizes[0])
     keep = fp.keeps[policy]
     per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
-    kept = sum(n * K * per_step[k] for k in keep if k in per_step) + n * fp.s * ("starts" in keep)
+    kept = (sum(n * sizes[0] * per_step[k] for k in keep if k in per_step)
+            + n * fp.s * ("starts" in keep))
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
                + (fp.y if "outputs" in keep else 0))
-    padded = n * K * (fp.x + fp.y) if n * K != T else 0
-    return kept + K * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
+    nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
+    nested += sizes[0] * (2 * fp.x + fp.y) if len(sizes) > 1 else 0
+    padded = n * sizes[0] * (fp.x + fp.y) if n * sizes[0] != T else 0
+    return kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
 
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
-# the cost of short chunks: each chunk adds a fixed overhead of about one step.
+# the cost of short chunks: each chunk adds a fixed overhead of about one step. Each
+# further level of nested checkpointing reruns the forward once more.
 _RELATIVE_TIME = {"gates": 1.0, "states": 1.2, "checkpoint": 1.3}
+_PER_LEVEL = 1.3
+
+
+def _time(p, T):
+    sizes = p.chunk if isinstance(p.chunk, tuple) else (p.chunk,)
+    return (_RELATIVE_TIME[p.residuals] * _PER_LEVEL ** (len(sizes) - 1)
+            * (1 + 1 / sizes[-1]) * (1.05 if T % sizes[0] else 1))
 
 
 def plan(T, fp, budget, default_chunk=_driver.CHUNK):
@@ -84,9 +100,11 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     The candidates are every policy at every chunk K (up to its default for
     "gates" and "states", whose transients only grow with K); the estimated time
     is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
-    (padded steps are masked). For "checkpoint" this chooses how
-    many states to keep, ceil(T/K) (Gruslys et al. 2016, one level of
-    recomputation): the longest rerun chunk the budget allows. Raises
+    (padded steps are masked). For "checkpoint" this chooses how many states to
+    keep, ceil(T/K): the longest rerun chunk the budget allows (Gruslys et al. 2016,
+    one level of recomputation). When no such plan fits, two levels are tried:
+    chunks of K1 steps whose reruns keep the states entering their sub-chunks of
+    K2 steps (``chunk=(K1, K2)``, one more forward, priced ×1.3). Raises
     ``ValueError`` when nothing fits.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
@@ -97,15 +115,16 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
         top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
         plans += [Plan(policy, K, plan_bytes(policy, K, T, fp)) for K in range(1, top + 1)]
     fits = [p for p in plans if p.bytes <= budget]
+    if not fits:  # two levels: K2 divides K1
+        plans += [Plan("checkpoint", (K1, K2), plan_bytes("checkpoint", (K1, K2), T, fp))
+                  for K1 in range(2, T + 1) for K2 in range(1, K1) if K1 % K2 == 0]
+        fits = [p for p in plans if p.bytes <= budget]
     if not fits:
         least = min(plans, key=lambda p: p.bytes)
         raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
                          f"this run (T={T}): {least.bytes} bytes with "
                          f"residuals={least.residuals!r}, chunk={least.chunk}")
-
-    def time(p):
-        return _RELATIVE_TIME[p.residuals] * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
-    return min(fits, key=lambda p: (time(p), p.bytes))
+    return min(fits, key=lambda p: (_time(p, T), p.bytes))
 
 
 def _cell(params):

@@ -112,7 +112,8 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).
       chunk: steps per chunk (default 32, or a divisor of T near it; sqrt(T) for
-        ``"checkpoint"``).
+        ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
+        reruns (each size dividing the one before).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).

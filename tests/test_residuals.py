@@ -47,6 +47,37 @@ def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
 
 
+@pytest.mark.parametrize("chunk", [(6, 3), (8, 4, 2)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nested_checkpoint_equals_autodiff(cell, chunk):
+    # T = 23 pads the outer chunks; lengths, reverse, truncation and the probe all act
+    # at every level of reruns.
+    T = 23
+    fn, params, xs, state0 = make(cell, T, 4, 2, 3)
+    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
+    xs = xs.at[13:, 1].set(jnp.inf)
+    cts = cotangents(fn, params, xs, state0)
+    for kw in (dict(), dict(lengths=jnp.asarray([23, 13, 0, 5]), reverse=True, truncate=4)):
+        def f(params, xs, state0, probe, kw=kw, **extra):
+            return fn(params, xs, state0, probe=probe, **kw, **extra)
+        args = (params, xs if kw else jnp.nan_to_num(xs), state0, probe)
+        ref = _grads(f, args, cts, backward="autodiff")
+        got = _grads(f, args, cts, residuals="checkpoint", chunk=chunk)
+        assert rel_err(got, ref) < 1e-12, kw
+
+
+def test_bad_nested_chunks():
+    fn, params, xs, state0 = make("gru-course", 10, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"a tuple chunk= \(nested chunk sizes\) needs "
+                                         r"residuals='checkpoint'"):
+        fn(params, xs, state0, chunk=(4, 2))
+    with pytest.raises(ValueError, match="nested chunk sizes must each divide the one before"):
+        fn(params, xs, state0, residuals="checkpoint", chunk=(6, 4))
+    with pytest.raises(ValueError, match=r"the outer chunk of 10 steps \(T=10\) is not a "
+                                         r"multiple of 4"):
+        fn(params, xs, state0, residuals="checkpoint", chunk=(12, 4))
+
+
 def test_unknown_policy_and_bad_chunk():
     fn, params, xs, state0 = make("lstm", 5, 2, 3, 4)
     with pytest.raises(ValueError, match="residuals must be one of"):
