@@ -117,7 +117,7 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     fits = [p for p in plans if p.bytes <= budget]
     if not fits:  # two levels: K2 divides K1
         plans += [Plan("checkpoint", (K1, K2), plan_bytes("checkpoint", (K1, K2), T, fp))
-                  for K1 in range(2, T + 1) for K2 in range(1, K1) if K1 % K2 == 0]
+                  for K2 in range(1, T // 2 + 1) for K1 in range(2 * K2, T + 1, K2)]
         fits = [p for p in plans if p.bytes <= budget]
     if not fits:
         least = min(plans, key=lambda p: p.bytes)
