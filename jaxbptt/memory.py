@@ -63,8 +63,9 @@ def plan_bytes(policy, K, T, fp):
     (2 w). When K does not divide T, the inputs and output cotangents are copied
     padded to n K steps. Nested checkpointing, K = (K1, K2, ...): the ceil(T/K1)
     states kept, the states entering the sub-chunks of one chunk at every level,
-    one outer chunk's inputs, output cotangents and input gradients (2 x + y per
-    step), and the innermost chunk's transients as above. Within 15 % of XLA's temp
+    the inputs, output cotangents and input gradients (2 x + y per step) of one
+    chunk at every level but the innermost, and the innermost chunk's transients
+    as above. Within 15 % of XLA's temp
     memory for the LSTM at the benchmark's shapes.
     """
     sizes = K if isinstance(K, tuple) else (K,)
@@ -76,7 +77,7 @@ def plan_bytes(policy, K, T, fp):
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
                + (fp.y if "outputs" in keep else 0))
     nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
-    nested += sizes[0] * (2 * fp.x + fp.y) if len(sizes) > 1 else 0
+    nested += sum(sizes[:-1]) * (2 * fp.x + fp.y)
     padded = n * sizes[0] * (fp.x + fp.y) if n * sizes[0] != T else 0
     return kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
 
@@ -86,6 +87,7 @@ def plan_bytes(policy, K, T, fp):
 # further level of nested checkpointing reruns the forward once more.
 _RELATIVE_TIME = {"gates": 1.0, "states": 1.2, "checkpoint": 1.3}
 _PER_LEVEL = 1.3
+_MAX_LEVELS = 3  # of nested checkpointing the planner tries
 
 
 def _time(p, T):
@@ -104,8 +106,8 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     keep, ceil(T/K): the longest rerun chunk the budget allows (Gruslys et al. 2016,
     one level of recomputation). When no such plan fits, two levels are tried:
     chunks of K1 steps whose reruns keep the states entering their sub-chunks of
-    K2 steps (``chunk=(K1, K2)``, one more forward, priced ×1.3). Raises
-    ``ValueError`` when nothing fits.
+    K2 steps (``chunk=(K1, K2)``, one more forward, priced ×1.3); then three.
+    Raises ``ValueError`` when nothing fits.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
@@ -115,10 +117,20 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
         top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
         plans += [Plan(policy, K, plan_bytes(policy, K, T, fp)) for K in range(1, top + 1)]
     fits = [p for p in plans if p.bytes <= budget]
-    if not fits:  # two levels: K2 divides K1
-        plans += [Plan("checkpoint", (K1, K2), plan_bytes("checkpoint", (K1, K2), T, fp))
-                  for K2 in range(1, T // 2 + 1) for K1 in range(2 * K2, T + 1, K2)]
+    nests = [(K,) for K in range(1, T + 1)]
+    for _ in range(_MAX_LEVELS - 1):
+        if fits:
+            break
+        # one more level: each nest (K2, ...) under every multiple K1 of K2 up to T
+        new = [Plan("checkpoint", K, plan_bytes("checkpoint", K, T, fp)) for K in (
+            (K1, *inner) for inner in nests for K1 in range(2 * inner[0], T + 1, inner[0]))]
+        plans += new
         fits = [p for p in plans if p.bytes <= budget]
+        least = {}  # the next level extends, for each outer size, its smallest nest only
+        for p in new:
+            if p.chunk[0] not in least or p.bytes < least[p.chunk[0]].bytes:
+                least[p.chunk[0]] = p
+        nests = [p.chunk for p in least.values()]
     if not fits:
         least = min(plans, key=lambda p: p.bytes)
         raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
