@@ -22,6 +22,19 @@ def _outcomes(params, xs):
         budget = plan.bytes - 1
 
 
+def _grads(fn, params, xs, state0, **kw):
+    """grads(**extra): the VJP of fn(params, xs, state0, **kw, **extra) with fixed
+    random cotangents, under jit."""
+    cts = cotangents(fn, params, xs, state0)
+
+    def grads(**extra):
+        def both(args, cts):
+            out, pull = jax.vjp(lambda *a: fn(*a, **kw, **extra), *args)
+            return out, pull(cts)
+        return jax.jit(both)((params, xs, state0), cts)
+    return grads
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_outcome_equals_autodiff(cell):
     T = 12
@@ -30,15 +43,7 @@ def test_every_outcome_equals_autodiff(cell):
     # The RNN keeps no gates: "states" is "gates" for it and never the cheaper plan.
     assert set(found) == set(jb.RESIDUAL_POLICIES) - ({"states"} if cell == "rnn" else set())
     xs = xs.at[9:, 2].set(jnp.nan)  # padding holds garbage
-    kw = dict(lengths=jnp.asarray([12, 5, 9, 0]), reverse=True)
-    cts = cotangents(fn, params, xs, state0)
-
-    def grads(**extra):
-        def both(args, cts):
-            out, pull = jax.vjp(lambda *a: fn(*a, **kw, **extra), *args)
-            return out, pull(cts)
-        return jax.jit(both)((params, xs, state0), cts)
-
+    grads = _grads(fn, params, xs, state0, lengths=jnp.asarray([12, 5, 9, 0]), reverse=True)
     ref = grads(backward="autodiff")
     for policy, (budget, plan) in found.items():
         assert plan.residuals == policy and plan.bytes <= budget
@@ -66,15 +71,7 @@ def test_two_level_plan_below_the_one_level_least(cell):
     budget = _least_one_level(params, xs) - 1
     plan = jb.residual_plan(params, xs, budget)
     assert plan.residuals == "checkpoint" and len(plan.chunk) == 2 and plan.bytes <= budget
-    kw = dict(lengths=jnp.asarray([48, 17, 30, 1]), reverse=True)
-    cts = cotangents(fn, params, xs, state0)
-
-    def grads(**extra):
-        def both(args, cts):
-            out, pull = jax.vjp(lambda *a: fn(*a, **kw, **extra), *args)
-            return out, pull(cts)
-        return jax.jit(both)((params, xs, state0), cts)
-
+    grads = _grads(fn, params, xs, state0, lengths=jnp.asarray([48, 17, 30, 1]), reverse=True)
     assert rel_err(grads(residuals=budget), grads(backward="autodiff")) < 1e-12, plan
 
 
