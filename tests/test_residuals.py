@@ -47,7 +47,7 @@ def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
 
 
-@pytest.mark.parametrize("chunk", [(6, 3), (8, 4, 2)])
+@pytest.mark.parametrize("chunk", [pytest.param((6, 3), marks=pytest.mark.slow), (8, 4, 2)])
 @pytest.mark.parametrize("cell", CELLS)
 def test_nested_checkpoint_equals_autodiff(cell, chunk):
     # T = 23 pads the outer chunks; lengths, reverse, truncation and the probe all act
