@@ -299,20 +299,30 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
     return lax.scan(body, carry, (zx, ts, probe), reverse=opts.reverse)
 
 
+def _split(tree, k):
+    """Every (K, ...) leaf as (K/k, k, ...): a span of steps in sub-chunks of k."""
+    return jax.tree.map(lambda x: x.reshape((-1, k) + x.shape[1:]), tree)
+
+
+def _join(tree):
+    """The inverse of `_split`: (K/k, k, ...) -> (K, ...)."""
+    return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), tree)
+
+
 def _run_span(cell, f, layout, B, opts, carry, xs, ts, probe, emit):
     """`_run_chunk` over a span of steps that nested checkpointing treats as one chunk,
     in sub-chunks of the innermost chunk size (the input projection of one at a time)."""
     if not opts.levels:
         return _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs), ts, probe, emit)
-    split = lambda x: x.reshape((-1, opts.levels[-1]) + x.shape[1:])  # noqa: E731
 
     def body(carry, sub_in):
         xs_j, ts_j, probe_j = sub_in
         return _run_chunk(cell, f, layout, B, opts, carry, cell.project(f, xs_j), ts_j,
                           probe_j, emit)
 
-    end, ys = lax.scan(body, carry, jax.tree.map(split, (xs, ts, probe)), reverse=opts.reverse)
-    return end, jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), ys)
+    end, ys = lax.scan(body, carry, _split((xs, ts, probe), opts.levels[-1]),
+                       reverse=opts.reverse)
+    return end, _join(ys)
 
 
 def _prevs(start, states, reverse):
@@ -408,8 +418,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     def nested(acc, xs_k, ts, dh_k, start, probe_k, levels):
         """A chunk's backward, nested: rerun its forward keeping the state entering each of
         its sub-chunks of ``levels[0]`` steps, then run over them against time."""
-        split = lambda x: x.reshape((-1, levels[0]) + x.shape[1:])  # noqa: E731
-        xs_s, ts_s, dh_s, probe_s = jax.tree.map(split, (xs_k, ts, dh_k, probe_k))
+        xs_s, ts_s, dh_s, probe_s = _split((xs_k, ts, dh_k, probe_k), levels[0])
 
         def rerun(carry, sub_in):
             xs_j, ts_j, probe_j = sub_in
@@ -421,7 +430,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         acc, ys = lax.scan(functools.partial(chunk_body, levels=levels[1:]), acc,
                            (xs_s, ts_s, dh_s, (starts, None, probe_s)),
                            reverse=not opts.reverse)
-        return acc, jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), ys)
+        return acc, _join(ys)
 
     def chunk_body(acc, chunk_in, levels=opts.levels):
         dcarry, df = acc
@@ -441,7 +450,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
                 states = _run_chunk(cell, f, layout, B, opts, start, res, ts, None,
                                     lambda new, _: new,
                                     lambda s, r: (cell.replay(s, r), None))[1]
-        prevs = _prevs(start, states, opts.reverse)
+        prevs = _prevs(start, states, opts.reverse)  # (identical to the above: XLA's CSE)
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)

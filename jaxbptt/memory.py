@@ -17,7 +17,7 @@ from jaxbptt import _checks, _driver
 
 
 class Plan(NamedTuple):
-    """A residual policy, its chunk size (nested sizes for two-level checkpointing) and
+    """A residual policy, its chunk size (a tuple of sizes for nested checkpointing) and
     the bytes it is estimated to keep."""
 
     residuals: str
