@@ -128,13 +128,11 @@ def jaxbptt_state(cell, a0, c0):
     return jb.LSTMState(a0, c0) if cell == "lstm" else a0
 
 
-def jaxbptt_fwd(cell, backward, residuals=None, chunk=None):
-    """jb.<cell>(..., backward=backward[, residuals=residuals][, chunk=chunk]) -> hs."""
-    kw = {"backward": backward}
+def jaxbptt_fwd(cell, backward, residuals=None, **options):
+    """jb.<cell>(..., backward=backward[, residuals=residuals], **options) -> hs."""
+    kw = {"backward": backward, **options}
     if residuals is not None:
         kw["residuals"] = residuals
-    if chunk is not None:
-        kw["chunk"] = chunk
     if cell == "lstm":
         return lambda p, xs, s0: jb.lstm(p, xs, s0, **kw)[0]
     if cell == "gru":

@@ -28,7 +28,8 @@ pause after each call: its spinning OpenMP threads would slow whatever follows);
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
 A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time, with
-two-level checkpointing (chunk=(64, 8)) as one more variant.
+more checkpointing variants: nested (chunk=(64, 8)) and m slots (Gruslys et al.; K=8, m=84
+and K=2, m=18).
 
 Writes results/bench_bptt.json and results/bench_memory_vs_T.png
 (with --quick: bench_bptt_quick.json and bench_memory_vs_T_quick.png, not to clobber a full run).
@@ -60,7 +61,11 @@ QUICK_SHAPES = {
     "rnn": [(50, 16, 32, 64)],
 }
 SWEEP_SHAPE = (32, 64, 128)  # B, n_x, n_a of the T sweep (LSTM)
-NESTED = (64, 8)  # two-level checkpointing in the T sweep: chunks of 64 steps, sub-chunks of 8
+SWEEP_CHECKPOINTS = {  # more "checkpoint" variants in the T sweep: label -> keywords
+    "checkpoint 64/8": dict(chunk=(64, 8)),  # nested: chunks of 64 steps, sub-chunks of 8
+    "checkpoint 8, 84 slots": dict(chunk=8, slots=84),  # Gruslys et al.'s schedule
+    "checkpoint 2, 18 slots": dict(chunk=2, slots=18),
+}
 QUICK_SWEEP_SHAPE = (8, 16, 32)
 MiB = 2.0**20
 
@@ -137,9 +142,9 @@ def compile_jax(name, fwd, params, xs, state0, w):
                    temp)
 
 
-def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, nested=None):
+def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, checkpoints=None):
     """Every variant of one (cell, shape), JAX ones compiled; torch only if with_peers_time;
-    ``nested``: also checkpointing nested in chunks of these sizes (K1, K2)."""
+    ``checkpoints``: more "checkpoint" variants, label -> keywords."""
     T, B, n_x, n_a = shape
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     xs = jax.random.normal(k[0], (T, B, n_x), jnp.float32)
@@ -156,9 +161,10 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True,
         for pol in policies:
             specs.append((f"bptt[{pol}]",
                           lambda pol=pol: (peers.jaxbptt_fwd(cell, "bptt", pol), params, s0)))
-    if nested is not None and policies is not None and "checkpoint" in policies:
-        specs.append((f"bptt[checkpoint {nested[0]}/{nested[1]}]", lambda: (
-            peers.jaxbptt_fwd(cell, "bptt", "checkpoint", nested), params, s0)))
+    if policies is not None and "checkpoint" in policies:
+        for label, kw in (checkpoints or {}).items():
+            specs.append((f"bptt[{label}]", lambda kw=kw: (
+                peers.jaxbptt_fwd(cell, "bptt", "checkpoint", **kw), params, s0)))
     specs.append(("autodiff", lambda: (peers.jaxbptt_fwd(cell, "autodiff"), params, s0)))
     specs.append(("scan", lambda: peers.scan_setup(cell, k[4], n_x, n_a, a0, c0)))
     specs.append(("remat", lambda: peers.remat_setup(cell, k[4], n_x, n_a, a0, c0)))
@@ -446,7 +452,10 @@ def main():
                   flush=True)
             variants = build_variants("lstm", (T, sB, sx, sa), policies, avail, notes,
                                       with_peers_time=timed,
-                                      nested=NESTED if T % NESTED[0] == 0 else None)
+                                      checkpoints={
+                                          label: kw for label, kw in SWEEP_CHECKPOINTS.items()
+                                          if not isinstance(kw["chunk"], tuple)
+                                          or T % kw["chunk"][0] == 0})
             times = time_interleaved(variants, runs, args.warmup) if timed else {}
             sweep_rows += summarize("lstm", (T, sB, sx, sa), variants, times, peak)
             del variants

@@ -161,6 +161,17 @@ def chunk(k, residuals):
     return sizes
 
 
+def slots(m, residuals, chunk):
+    """``None``, or a positive int with ``"checkpoint"`` and one chunk size: how many
+    chunk starts may be kept at once (the initial state among them)."""
+    if m is None:
+        return None
+    if residuals != "checkpoint" or isinstance(chunk, tuple):
+        raise ValueError(f"slots= needs residuals='checkpoint' and an int (or default) chunk=, "
+                         f"got slots={m!r} with residuals={residuals!r}, chunk={chunk!r}")
+    return _static_steps("slots", m)
+
+
 def probe(p, state0, T):
     """A probe is shaped like the states stacked over time: (T,) + each state's shape."""
     want = jax.tree.map(lambda s: (T,) + tuple(s.shape), state0)

@@ -69,9 +69,10 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxbptt import _checks
+from jaxbptt import _checks, slots
 
 POLICIES = ("gates", "states", "checkpoint")
 CHUNK = 8  # steps per chunk for "gates" and "states" unless the cell says (``cell.chunk``)
@@ -86,6 +87,7 @@ class Options(NamedTuple):
     residuals: str = "gates"
     chunk: Optional[int] = None  # steps per chunk; None: the policy's default
     levels: tuple = ()  # "checkpoint" nested in chunks of these sizes (each divides the last)
+    slots: Optional[int] = None  # "checkpoint" keeping at most this many chunk starts at once
     default_chunk: int = CHUNK  # the cell's K for "gates" and "states"
 
 
@@ -95,7 +97,7 @@ class Saved(NamedTuple):
     states: Any = None  # (T', ...) every state
     outputs: Any = None  # (T', ...) every output (hidden state), unmasked
     res: Any = None  # (T', ...) every step's residuals (gate activations)
-    starts: Any = None  # (T'/K, ...) the state entering each chunk
+    starts: Any = None  # (T'/K, ...) the state entering each chunk; with slots, (m+1, ...)
 
 
 def chunk_size(T, opts):
@@ -356,6 +358,27 @@ def _keeps(cell, policy):
     return ("outputs", "starts")
 
 
+def _schedule(layout, opts):
+    """The `slots.Schedule` of a run keeping at most ``opts.slots`` chunk starts, or
+    ``None`` when every chunk's start is kept."""
+    if opts.slots is None or opts.slots >= layout.n:
+        return None
+    return slots.schedule(layout.n, opts.slots)
+
+
+def _by_chunk(order, opts):
+    """An array over the chunks in the order the forward runs them, indexed by chunk."""
+    return jnp.asarray(order[::-1] if opts.reverse else order)
+
+
+def _write(buffer, i, state):
+    return jax.tree.map(lambda b, s: lax.dynamic_update_index_in_dim(b, s, i, 0), buffer, state)
+
+
+def _read(buffer, i):
+    return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, i, 0, keepdims=False), buffer)
+
+
 def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, *,
             keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
@@ -367,6 +390,7 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
     layout = _Layout.of(xs, lengths, opts)
     f = cell.fuse(params)
     keep = _keeps(cell, opts.residuals) if keep_residuals else ()
+    plan = _schedule(layout, opts) if keep_residuals else None
 
     def emit(new, res):  # what each step stacks: the outputs (in the states if kept)
         return Saved(states=new if "states" in keep else None,
@@ -374,13 +398,21 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
                      res=res if "res" in keep else None)
 
     def chunk_body(carry, chunk_in):
-        xs_k, ts, probe_k = chunk_in
+        (carry, buffer), (xs_k, ts, probe_k, slot) = carry, chunk_in
         end, ys = _run_span(cell, f, layout, B, opts, carry, xs_k, ts, probe_k, emit)
-        return end, (ys, carry if "starts" in keep else None)
+        if buffer is not None:  # the starts the schedule keeps go to their slots
+            return (end, _write(buffer, slot, carry)), (ys, None)
+        return (end, None), (ys, carry if "starts" in keep else None)
 
     probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
-    carry_T, (ys, starts) = lax.scan(
-        chunk_body, carry0, (layout.inputs(xs), layout.times(), probe_c), reverse=opts.reverse)
+    buffer = first = None
+    if plan is not None:  # m slots and a scratch one, which takes the starts not kept
+        buffer = jax.tree.map(lambda c: jnp.broadcast_to(c, (opts.slots + 1,) + c.shape), carry0)
+        first = _by_chunk(plan.slot, opts)
+    (carry_T, buffer), (ys, starts) = lax.scan(
+        chunk_body, (carry0, buffer), (layout.inputs(xs), layout.times(), probe_c, first),
+        reverse=opts.reverse)
+    starts = buffer if plan is not None else starts
     ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
     hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.T]
     if layout.lengths is not None:  # (the kept outputs stay unmasked: they are states)
@@ -456,6 +488,28 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
         return (dcarry, jax.tree.map(jnp.add, df, df_k)), (dxs_k, dstates)
 
+    plan, xs_c, times = _schedule(layout, opts), layout.inputs(xs), layout.times()
+
+    def rerun_to(buffer, u):
+        """The state entering chunk u (counted in the order the forward runs them),
+        rerun from the latest one kept; the states passed go to their slots."""
+        slot, start = jnp.asarray(plan.slot), jnp.asarray(plan.start)
+
+        def body(q, state_buffer):
+            state, buffer = state_buffer
+            c = layout.n - 1 - q if opts.reverse else q
+            state = _run_span(cell, f, layout, B, opts, state, xs_c[c], times[c], None,
+                              lambda new, res: None)[0]
+            return state, _write(buffer, slot[q + 1], state)
+
+        return lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer))
+
+    def slot_body(carry, chunk_in):
+        (acc, buffer), (xs_k, ts, dh_k, (u, kept, probe_k)) = carry, chunk_in
+        start, buffer = rerun_to(buffer, u)
+        acc, ys = chunk_body(acc, (xs_k, ts, dh_k, (start, kept, probe_k)))
+        return (acc, buffer), ys
+
     starts, probe = saved.starts, None
     if starts is None:  # picked from the kept states
         starts = _chunk_starts(carry0, saved.states, layout.K, opts.reverse)
@@ -467,10 +521,13 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
         df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
-    (dcarry0, df), (dxs, dstates) = lax.scan(
-        chunk_body, (dcarry_T, df),
-        (layout.inputs(xs), layout.times(), layout.chunked(dhs), (starts, kept, probe)),
+    body, init = chunk_body, (dcarry_T, df)
+    if plan is not None:  # the starts come from the slots: the scan runs over chunk numbers
+        body, init, starts = slot_body, (init, starts), _by_chunk(np.arange(layout.n), opts)
+    out, (dxs, dstates) = lax.scan(
+        body, init, (xs_c, times, layout.chunked(dhs), (starts, kept, probe)),
         reverse=not opts.reverse)
+    dcarry0, df = out if plan is None else out[0]
     if rows:
         df = jax.tree.map(lambda g: jax.reshard(g, _on_mesh_of(xs)), df)
     grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
@@ -504,7 +561,7 @@ _bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
 
 def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse, truncate,
-        time_major, probe=None, residuals="gates", chunk=None):
+        time_major, probe=None, residuals="gates", chunk=None, slots=None):
     """Validates the call and runs ``cell``; returns ``(hs, state_T)``.
 
     ``backward="bptt"``: the custom_vjp above (hand-derived reverse scan);
@@ -521,8 +578,11 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         if chunk is not None:
             raise ValueError("chunk= cannot be given with a memory budget: the plan chooses it")
         from jaxbptt import memory  # noqa: PLC0415 (memory imports this module)
-        residuals, chunk, _ = memory.plan(T, memory.footprint(cell, params, B, n_x, n_a, dtype),
-                                          residuals, getattr(cell, "chunk", CHUNK))
+        if slots is not None:
+            raise ValueError("slots= cannot be given with a memory budget: the plan chooses it")
+        residuals, chunk, _, slots = memory.plan(
+            T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals,
+            getattr(cell, "chunk", CHUNK))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
@@ -531,6 +591,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     state0 = _varying_like(state0, xs)  # inside shard_map the carry varies like xs
     lengths = _checks.lengths(lengths, B)
     chunk, levels = _checks.chunk(chunk, residuals), ()
+    slots = _checks.slots(slots, residuals, chunk)
     if isinstance(chunk, tuple):
         chunk, levels = chunk[0], chunk[1:]
         if min(chunk, T) % levels[0]:
@@ -539,7 +600,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
-                   levels, getattr(cell, "chunk", CHUNK))
+                   levels, slots, getattr(cell, "chunk", CHUNK))
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

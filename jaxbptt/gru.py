@@ -244,7 +244,8 @@ def gru_variant(params: GRUParams, variant=None) -> str:
 
 def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
         lengths=None, reverse: bool = False, truncate=None, time_major: bool = True,
-        probe=None, residuals: str | int = "gates", chunk=None):
+        probe=None, residuals: str | int = "gates", chunk=None,
+        slots=None):
     """Runs the GRU over a sequence.
 
     Args:
@@ -270,6 +271,8 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
       chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
         ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
         reruns (each size dividing the one before).
+      slots: with ``"checkpoint"``, keep at most this many chunk starts at once,
+        placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -279,4 +282,4 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
     return _driver.run(GRU_CELLS[variant], params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
                        truncate=truncate, time_major=time_major, probe=probe,
-                       residuals=residuals, chunk=chunk)
+                       residuals=residuals, chunk=chunk, slots=slots)

@@ -170,7 +170,8 @@ LSTM_CELL = _LSTMCell()
 
 def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths=None,
          reverse: bool = False, truncate=None, time_major: bool = True,
-         probe=None, residuals: str | int = "gates", chunk=None):
+         probe=None, residuals: str | int = "gates", chunk=None,
+         slots=None):
     """Runs the LSTM over a sequence.
 
     Args:
@@ -194,6 +195,8 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
       chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
         ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
         reruns (each size dividing the one before).
+      slots: with ``"checkpoint"``, keep at most this many chunk starts at once,
+        placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
@@ -203,4 +206,4 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
     return _driver.run(LSTM_CELL, params, xs, state0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
                        truncate=truncate, time_major=time_major, probe=probe,
-                       residuals=residuals, chunk=chunk)
+                       residuals=residuals, chunk=chunk, slots=slots)

@@ -13,16 +13,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbptt import _checks, _driver
+from jaxbptt import _checks, _driver, slots
 
 
 class Plan(NamedTuple):
-    """A residual policy, its chunk size (a tuple of sizes for nested checkpointing) and
-    the bytes it is estimated to keep."""
+    """A residual policy, its chunk size (a tuple of sizes for nested checkpointing), the
+    bytes it is estimated to keep and, for ``"checkpoint"``, the most chunk starts kept at
+    once (``None``: all)."""
 
     residuals: str
     chunk: int | tuple
     bytes: int
+    slots: int | None = None
 
 
 class Footprint(NamedTuple):
@@ -51,7 +53,7 @@ def footprint(cell, params, B, n_x, n_a, dtype):
                      {p: _driver._keeps(cell, p) for p in _driver.POLICIES})
 
 
-def plan_bytes(policy, K, T, fp):
+def plan_bytes(policy, K, T, fp, slots=None):
     """What ``policy`` keeps through the backward, plus its transients, in bytes.
 
     Kept, per step: the states s, outputs y or residuals r the policy keeps for this
@@ -65,35 +67,51 @@ def plan_bytes(policy, K, T, fp):
     states kept, the states entering the sub-chunks of one chunk at every level,
     the inputs, output cotangents and input gradients (2 x + y per step) of one
     chunk at every level but the innermost, and the innermost chunk's transients
-    as above. Within 15 % of XLA's temp
-    memory for the LSTM at the benchmark's shapes.
+    as above. With ``slots`` = m < ceil(T/K): m + 1 chunk starts (a scratch slot),
+    and the reruns' input projections (K z), which XLA keeps apart.
+    Within 15 % of XLA's temp memory for the LSTM at the benchmark's shapes.
     """
     sizes = K if isinstance(K, tuple) else (K,)
     n = -(-T // sizes[0])
     keep = fp.keeps[policy]
     per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
+    starts = n if slots is None or slots >= n else slots + 1
     kept = (sum(n * sizes[0] * per_step[k] for k in keep if k in per_step)
-            + n * fp.s * ("starts" in keep))
+            + starts * fp.s * ("starts" in keep))
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
                + (fp.y if "outputs" in keep else 0))
     nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
     nested += sum(sizes[:-1]) * (2 * fp.x + fp.y)
     padded = n * sizes[0] * (fp.x + fp.y) if n * sizes[0] != T else 0
-    return kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
+    rerun = sizes[0] * fp.z if starts < n else 0  # the reruns' projections, apart
+    return (kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
+            + rerun)
 
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
-# the cost of short chunks: each chunk adds a fixed overhead of about one step. Each
-# further level of nested checkpointing reruns the forward once more.
+# the cost of short chunks: each chunk adds a fixed overhead of about one step.
 _RELATIVE_TIME = {"gates": 1.0, "states": 1.2, "checkpoint": 1.3}
-_PER_LEVEL = 1.3
-_MAX_LEVELS = 3  # of nested checkpointing the planner tries
+_MAX_SLOT_CHUNK = 64  # the longest chunk the planner pairs with slots
 
 
 def _time(p, T):
-    sizes = p.chunk if isinstance(p.chunk, tuple) else (p.chunk,)
-    return (_RELATIVE_TIME[p.residuals] * _PER_LEVEL ** (len(sizes) - 1)
-            * (1 + 1 / sizes[-1]) * (1.05 if T % sizes[0] else 1))
+    base = _RELATIVE_TIME[p.residuals]
+    if p.slots is not None:  # each chunk forward rerun costs what "checkpoint" adds per chunk
+        n = -(-T // p.chunk)
+        base += (_RELATIVE_TIME["checkpoint"] - 1) * slots.cost(n, p.slots) / n
+    return base * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
+
+
+def _slot_plans(T, fp, budget):
+    """For every chunk K up to `_MAX_SLOT_CHUNK`: "checkpoint" keeping as many chunk
+    starts as ``budget`` leaves room for, when that is fewer than all of them."""
+    plans = []
+    for K in range(1, min(T, _MAX_SLOT_CHUNK) + 1):
+        n = -(-T // K)
+        m = (budget - plan_bytes("checkpoint", K, T, fp, slots=0)) // fp.s
+        if 1 <= m < n:
+            plans.append(Plan("checkpoint", K, plan_bytes("checkpoint", K, T, fp, m), m))
+    return plans
 
 
 def plan(T, fp, budget, default_chunk=_driver.CHUNK):
@@ -103,10 +121,12 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     "gates" and "states", whose transients only grow with K); the estimated time
     is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
     (padded steps are masked). For "checkpoint" this chooses how many states to
-    keep, ceil(T/K): the longest rerun chunk the budget allows (Gruslys et al. 2016,
-    one level of recomputation). When no such plan fits, two levels are tried:
-    chunks of K1 steps whose reruns keep the states entering their sub-chunks of
-    K2 steps (``chunk=(K1, K2)``, one more forward, priced ×1.3); then three.
+    keep, ceil(T/K). With slots, "checkpoint" at any K up to 64 keeps as many chunk
+    starts as the budget leaves room for, placed by Gruslys et al.'s programme
+    (`jaxbptt.slots`), each chunk forward rerun priced as "checkpoint"'s own rerun:
+    (1.3 + 0.3 F / n) (1 + 1/K) for F reruns of n chunks. (Nested checkpointing,
+    ``chunk=(K1, K2, ...)``, is one schedule of the same kind with as many slots,
+    never fewer forwards, and more memory; the plan does not offer it.)
     Raises ``ValueError`` when nothing fits.
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
@@ -116,26 +136,16 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
         opts = _driver.Options(residuals=policy, default_chunk=default_chunk)
         top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
         plans += [Plan(policy, K, plan_bytes(policy, K, T, fp)) for K in range(1, top + 1)]
+    plans += _slot_plans(T, fp, budget)
     fits = [p for p in plans if p.bytes <= budget]
-    nests = [(K,) for K in range(1, T + 1)]
-    for _ in range(_MAX_LEVELS - 1):
-        if fits:
-            break
-        # one more level: each nest (K2, ...) under every multiple K1 of K2 up to T
-        new = [Plan("checkpoint", K, plan_bytes("checkpoint", K, T, fp)) for K in (
-            (K1, *inner) for inner in nests for K1 in range(2 * inner[0], T + 1, inner[0]))]
-        plans += new
-        fits = [p for p in plans if p.bytes <= budget]
-        least = {}  # the next level extends, for each outer size, its smallest nest only
-        for p in new:
-            if p.chunk[0] not in least or p.bytes < least[p.chunk[0]].bytes:
-                least[p.chunk[0]] = p
-        nests = [p.chunk for p in least.values()]
     if not fits:
+        if T > 1:  # one step per chunk, one slot: the least memory of all
+            plans.append(Plan("checkpoint", 1, plan_bytes("checkpoint", 1, T, fp, 1), 1))
         least = min(plans, key=lambda p: p.bytes)
         raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "
                          f"this run (T={T}): {least.bytes} bytes with "
-                         f"residuals={least.residuals!r}, chunk={least.chunk}")
+                         f"residuals={least.residuals!r}, chunk={least.chunk}"
+                         + (f", slots={least.slots}" if least.slots else ""))
     return min(fits, key=lambda p: (_time(p, T), p.bytes))
 
 

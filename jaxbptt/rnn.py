@@ -90,7 +90,8 @@ RNN_CELL = _RNNCell()
 
 def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         reverse: bool = False, truncate=None, time_major: bool = True,
-        probe=None, residuals: str | int = "gates", chunk=None):
+        probe=None, residuals: str | int = "gates", chunk=None,
+        slots=None):
     """Runs the tanh RNN over a sequence.
 
     Args:
@@ -114,6 +115,8 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
       chunk: steps per chunk (default 32, or a divisor of T near it; sqrt(T) for
         ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
         reruns (each size dividing the one before).
+      slots: with ``"checkpoint"``, keep at most this many chunk starts at once,
+        placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
@@ -122,4 +125,4 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
     return _driver.run(RNN_CELL, params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,
                        truncate=truncate, time_major=time_major, probe=probe,
-                       residuals=residuals, chunk=chunk)
+                       residuals=residuals, chunk=chunk, slots=slots)

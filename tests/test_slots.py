@@ -1,0 +1,120 @@
+"""residuals="checkpoint", slots=m: Gruslys et al.'s schedule and its gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cells import CELLS, cotangents, make, rel_err
+from jaxbptt import slots
+
+
+def _recursion(n, m):
+    """C and F by their recursions, written out with no shortcut (BPTT-HSM)."""
+    t = np.arange(n + 1)
+    C = np.zeros((n + 1, m + 1), np.int64)
+    C[:, 1] = t * (t - 1) // 2
+    F = C.copy()
+    for s in range(2, n + 1):
+        for k in range(2, m + 1):
+            C[s, k] = min(y + C[s - y, k - 1] + C[y, k] for y in range(1, s))
+            F[s, k] = min(F[s - y, k - 1] + C[y, k] for y in range(1, s))
+    return C, F
+
+
+def test_least_forwards_follow_the_recursion():
+    C, F = _recursion(50, 7)
+    for t in range(1, 51):
+        for k in range(1, 8):
+            assert slots._least([t], k)[0] == C[t, k], (t, k)
+            assert slots.cost(t, k) == F[t, k], (t, k)
+    assert slots.cost(30, 30) == slots.cost(30, 99) == 0  # every start kept by the call
+    with pytest.raises(ValueError, match="n >= 1 chunks and m >= 1 slots"):
+        slots.cost(10, 0)
+
+
+def test_schedule_delivers_every_state():
+    # Plays the driver's protocol with each state standing for its position: every
+    # backward must find the state entering its chunk, after `cost` chunk forwards.
+    for n in range(2, 41):
+        for m in range(1, n):
+            plan = slots.schedule(n, m)
+            assert plan.forwards == slots.cost(n, m)
+            assert set(plan.slot) <= set(range(m + 1)) and plan.slot[0] == 0
+            buffer, forwards = [None] * (m + 1), 0
+            for q in range(n):  # the call's forward
+                buffer[plan.slot[q]] = q
+            for u in range(n - 1, -1, -1):
+                state = buffer[plan.slot[plan.start[u]]]
+                assert state == plan.start[u] <= u, (n, m, u)
+                for q in range(plan.start[u], u):
+                    state = q + 1
+                    buffer[plan.slot[state]] = state
+                    forwards += 1
+                assert state == u
+            assert forwards == plan.forwards, (n, m)
+
+
+def _grads(fn, args, cts, **kw):
+    def both(args, cts):
+        out, pull = jax.vjp(lambda *a: fn(*a, **kw), *args)
+        return out, pull(cts)
+    return jax.jit(both)(args, cts)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_slots_equal_autodiff(cell):
+    # T = 23 pads the chunks; lengths, reverse, truncation and the probe act in the reruns.
+    T = 23
+    fn, params, xs, state0 = make(cell, T, 4, 2, 3)
+    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
+    xs = xs.at[13:, 1].set(jnp.inf)
+    cts = cotangents(fn, params, xs, state0)
+    for kw in (dict(), dict(lengths=jnp.asarray([23, 13, 0, 5]), reverse=True, truncate=4)):
+        def f(params, xs, state0, probe, kw=kw, **extra):
+            return fn(params, xs, state0, probe=probe, **kw, **extra)
+        args = (params, xs if kw else jnp.nan_to_num(xs), state0, probe)
+        ref = _grads(f, args, cts, backward="autodiff")
+        for chunk, m in ((1, 1), (1, 4), (3, 3)):
+            got = _grads(f, args, cts, residuals="checkpoint", chunk=chunk, slots=m)
+            assert rel_err(got, ref) < 1e-12, (kw, chunk, m)
+
+
+def test_memory_does_not_grow_with_T():
+    # m slots of K steps: XLA's temp memory is the same at T = 256 and 4096, where one
+    # start per chunk grows 16-fold (a property of the compiled program).
+    def temp(T, **kw):
+        fn, params, xs, state0 = make("lstm", T, 8, 8, 32, dtype=np.float32)
+        loss = lambda p, x: jnp.sum(fn(p, x, state0, residuals="checkpoint", **kw)[0])  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params, xs).compile().memory_analysis(
+        ).temp_size_in_bytes
+
+    assert temp(4096, chunk=4, slots=12) < 1.05 * temp(256, chunk=4, slots=12)
+    assert temp(4096, chunk=4) > 8 * temp(256, chunk=4)
+
+
+def test_bad_slots():
+    fn, params, xs, state0 = make("gru-course", 10, 2, 3, 4)
+    with pytest.raises(ValueError, match="slots= needs residuals='checkpoint' and an int"):
+        fn(params, xs, state0, slots=3)
+    with pytest.raises(ValueError, match="slots= needs residuals='checkpoint' and an int"):
+        fn(params, xs, state0, residuals="checkpoint", chunk=(4, 2), slots=3)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="slots must be a positive int"):
+            fn(params, xs, state0, residuals="checkpoint", slots=bad)
+    with pytest.raises(ValueError, match="slots= cannot be given with a memory budget"):
+        fn(params, xs, state0, residuals=10**9, slots=3)
+
+
+def test_first_order_only():
+    # The reruns loop a number of times known only inside the backward's scan, which JAX
+    # cannot differentiate in reverse: a gradient of the gradient raises, at trace time.
+    fn, params, xs, state0 = make("lstm", 8, 2, 3, 3)
+
+    def penalty(params):
+        grad = jax.grad(lambda p: jnp.sum(fn(p, xs, state0, residuals="checkpoint", chunk=1,
+                                              slots=2)[0] ** 2))(params)
+        return sum(jnp.sum(g**2) for g in jax.tree.leaves(grad))
+
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+        jax.grad(penalty)(params)
