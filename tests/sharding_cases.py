@@ -75,7 +75,8 @@ class Problem:
     """A model, its inputs, cotangent weights and the specs of every argument.
 
     ``name`` is a cell of ``cells.CELLS`` or ``"stack"``, optionally with a residual
-    policy of the bptt driver: ``"lstm:checkpoint"``.
+    policy of the bptt driver: ``"lstm:checkpoint"``, or ``"lstm:slots"`` (checkpoint
+    with 3 slots for 10 chunks of 2 steps).
     """
 
     def __init__(self, name):
@@ -83,6 +84,8 @@ class Problem:
         self.lengths = None
         name, _, policy = name.partition(":")
         extra = {"residuals": policy} if policy else {}
+        if policy == "slots":
+            extra = {"residuals": "checkpoint", "chunk": 2, "slots": 3}
         if name == "stack":
             # 2 bidirectional LSTM layers, ragged lengths: exercises reverse + lengths.
             fwd = [make("lstm", T, B, n_x, N_A, seed=s)[1] for s, n_x in ((0, N_X), (1, 2 * N_A))]
@@ -432,7 +435,7 @@ def report(n_dev):
         "devices": n_dev, "platform": jax.devices()[0].platform, "jax": jax.__version__,
         "shape": {"T": T, "B": B, "n_x": N_X, "n_a": N_A},
         "data_parallel": data_parallel(mesh, cells)
-        + data_parallel(mesh, ("lstm:states", "lstm:checkpoint"), modes=("bptt",)),
+        + data_parallel(mesh, ("lstm:states", "lstm:checkpoint", "lstm:slots"), modes=("bptt",)),
         "shard_map": shard_map_explicit(mesh, cells, modes=("bptt",))
         + shard_map_explicit(mesh, ("lstm",), modes=("autodiff",))
         + shard_map_explicit(mesh, ("lstm",), modes=("bptt",), check_vma=False),
@@ -442,7 +445,8 @@ def report(n_dev):
             ("lstm", "zeros", "bptt"), ("stack", "None", "bptt"))),
         "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
         "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
-                                        ("gru-course", "bptt"), ("stack", "bptt"))),
+                                        ("gru-course", "bptt"), ("lstm:slots", "bptt"),
+                                        ("stack", "bptt"))),
     }
 
 

@@ -64,7 +64,7 @@ def test_data_parallel_gradients_match_one_device(report):
     # jit(grad) with xs, state0 (and the stack's lengths) sharded on the batch axis.
     rows = report["data_parallel"]
     assert {r["model"] for r in rows} == {"rnn", "lstm", "gru-course", "gru-cudnn", "stack",
-                                          "lstm:states", "lstm:checkpoint"}
+                                          "lstm:states", "lstm:checkpoint", "lstm:slots"}
     for r in rows:
         assert r["grad_rel_err"] < TOL, (_where(r), r["grad_rel_err"])
         assert r["hs_rel_err"] < TOL, (_where(r), r["hs_rel_err"])
