@@ -39,6 +39,10 @@ ever materialised but what the residual policy keeps:
                  (``chunk=(K1, K2, ...)``): the rerun of a K1 chunk keeps only the
                  states entering its K2 sub-chunks, and so on, each level's backward
                  rerunning the next (Chen et al.'s recursion, one more forward per level).
+                 With ``slots=m`` < n: at most m chunk starts at once, in a buffer of
+                 m + 1 (one scratch); each chunk's backward first reruns the forward
+                 from a kept start to the chunk, writing the starts it passes to their
+                 slots, as `slots.schedule` (Gruslys et al. 2016) says.
 
 (`_keeps` says exactly which arrays, `Saved`, each policy keeps for a cell.)
 

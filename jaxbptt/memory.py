@@ -1,7 +1,7 @@
 """Residuals for a memory budget: ``residuals=<bytes>`` and `residual_plan`.
 
 Give any sequence function ``residuals=`` a number of bytes instead of a policy
-name and it runs the plan (policy and chunk size) of least estimated time whose
+name and it runs the plan (policy, chunk size, slots) of least estimated time whose
 estimated bytes fit (`plan`, `plan_bytes`). `residual_plan` says what a call
 would run.
 """
@@ -177,10 +177,11 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
       budget: bytes the forward may keep for the backward.
 
     Returns:
-      a `Plan` ``(residuals, chunk, bytes)``: the policy, the steps per chunk and
-      the estimated bytes kept (what stays alive through the backward plus one
-      chunk's transients and the weight-sized buffers; within about 15 % of
-      XLA's ``temp_size_in_bytes`` for the LSTM at the benchmark's shapes).
+      a `Plan` ``(residuals, chunk, bytes, slots)``: the policy, the steps per
+      chunk, the estimated bytes kept (what stays alive through the backward plus
+      one chunk's transients and the weight-sized buffers; within about 15 % of
+      XLA's ``temp_size_in_bytes`` for the LSTM at the benchmark's shapes) and,
+      for ``"checkpoint"`` keeping fewer chunk starts than chunks, how many.
 
     Raises:
       ValueError: when no plan fits (the message gives the least possible).
