@@ -319,15 +319,16 @@ def print_sweep(rows, Ts, B, n_x, n_a):
     names = list(dict.fromkeys(r["variant"] for r in rows))
     get = {(r["variant"], r["T"]): r for r in rows}
     print(f"\nT sweep, LSTM, B={B}, n_x={n_x}, n_a={n_a}")
+    width = max(24, 2 + max(map(len, names)))
     for key, label, spec in (("temp_mib", "XLA temp memory, MiB", ".2f"),
                              ("mem_x_autodiff", "temp memory / autodiff", ".2f"),
                              ("median_ms", "median time, ms", ".2f"),
                              ("x_autodiff", "time / autodiff", ".2f")):
-        print(f"{label:<24}" + "".join(f"{'T=' + str(T):>11}" for T in Ts))
+        print(f"{label:<{width}}" + "".join(f"{'T=' + str(T):>11}" for T in Ts))
         for name in names:
             line = "".join(fmt(get.get((name, T), {}).get(key), spec, 11) for T in Ts)
             if line.strip(" -"):
-                print(f"  {name:<22}" + line)
+                print(f"  {name:<{width - 2}}" + line)
 
 
 def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
@@ -337,7 +338,8 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    # tab20: its ten dark colours first, then the light ones
+    colors = {n: plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) for i, n in enumerate(names)}
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 5.2))
     for name in names:
         rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])

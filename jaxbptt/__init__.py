@@ -1,6 +1,7 @@
 """jaxbptt: backpropagation through time for RNN, LSTM and GRU, derived by hand."""
 
 from jaxbptt import interop as interop  # torch and flax are imported lazily
+from jaxbptt import slots as slots
 from jaxbptt._driver import POLICIES as RESIDUAL_POLICIES
 from jaxbptt.gru import GRUParams as GRUParams
 from jaxbptt.gru import gru as gru

@@ -76,7 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbptt import _checks, slots
+from jaxbptt import _checks
+from jaxbptt import slots as _slots
 
 POLICIES = ("gates", "states", "checkpoint")
 CHUNK = 8  # steps per chunk for "gates" and "states" unless the cell says (``cell.chunk``)
@@ -363,11 +364,11 @@ def _keeps(cell, policy):
 
 
 def _schedule(layout, opts):
-    """The `slots.Schedule` of a run keeping at most ``opts.slots`` chunk starts, or
+    """The `_slots.Schedule` of a run keeping at most ``opts.slots`` chunk starts, or
     ``None`` when every chunk's start is kept."""
     if opts.slots is None or opts.slots >= layout.n:
         return None
-    return slots.schedule(layout.n, opts.slots)
+    return _slots.schedule(layout.n, opts.slots)
 
 
 def _by_chunk(order, opts):

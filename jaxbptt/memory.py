@@ -13,7 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbptt import _checks, _driver, slots
+from jaxbptt import _checks, _driver
+from jaxbptt import slots as _slots
 
 
 class Plan(NamedTuple):
@@ -98,7 +99,7 @@ def _time(p, T):
     base = _RELATIVE_TIME[p.residuals]
     if p.slots is not None:  # each chunk forward rerun costs what "checkpoint" adds per chunk
         n = -(-T // p.chunk)
-        base += (_RELATIVE_TIME["checkpoint"] - 1) * slots.cost(n, p.slots) / n
+        base += (_RELATIVE_TIME["checkpoint"] - 1) * _slots.cost(n, p.slots) / n
     return base * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
 
 

@@ -56,7 +56,8 @@ def _describe(layers):
 
 
 def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
-          dropout: float = 0.0, key=None):
+          dropout: float = 0.0, key=None, residuals: str | int = "gates", chunk=None,
+          slots=None):
     """Runs a stack of recurrent layers, as ``torch.nn.RNN/LSTM/GRU`` with ``num_layers``.
 
     Args:
@@ -72,6 +73,10 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
       dropout: probability of zeroing each output of every layer but the last
         (inverted dropout, as PyTorch in training mode); needs ``key``.
       key: PRNG key for the dropout.
+      residuals, chunk, slots: what every layer's forward keeps for its
+        ``backward="bptt"`` (see `jaxbptt.lstm`); a budget in bytes applies to each
+        layer and direction, whose residuals all stay alive until the backward
+        reaches them.
 
     Returns:
       ``(ys, finals)``: ys (T, B, D * n_a), the last layer's outputs with the
@@ -108,7 +113,7 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
         for d, params in enumerate(_directions(layer)):
             state0 = jax.tree.map(lambda s: s[l * D + d], init)
             hs, state_T = fn(params, xs, state0, lengths=lengths, reverse=d == 1,
-                             backward=backward)
+                             backward=backward, residuals=residuals, chunk=chunk, slots=slots)
             outs.append(hs)
             finals.append(state_T)
         xs = jnp.concatenate(outs, axis=-1) if D == 2 else outs[0]

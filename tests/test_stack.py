@@ -60,9 +60,11 @@ def test_stack_gradients_bptt_equal_autodiff(cell, bidirectional):
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(layers, xs, init)
 
     ref = loss(lambda *a: _manual_stack(cell, *a, lengths))
-    for backward in ("bptt", "autodiff"):
-        got = loss(lambda *a: jb.stack(*a, lengths=lengths, backward=backward))
-        assert rel_err(got, ref) < 1e-12, backward
+    # every layer's residual options pass through: 3 chunks, 2 slots, reruns
+    for kw in (dict(backward="bptt"), dict(backward="autodiff"),
+               dict(residuals="checkpoint", chunk=2, slots=2)):
+        got = loss(lambda *a, kw=kw: jb.stack(*a, lengths=lengths, **kw))
+        assert rel_err(got, ref) < 1e-12, kw
 
 
 def test_dropout_is_inverted_and_keyed():
@@ -100,6 +102,8 @@ def test_stack_errors():
         jb.stack((lstm,), xs, dropout=0.2)
     with pytest.raises(ValueError, match="n_x=3"):  # a layer's input size is checked by the cell
         jb.stack((lstm, params("lstm", 3, 4)), xs)
+    with pytest.raises(ValueError, match="slots= needs residuals='checkpoint'"):  # passed on
+        jb.stack((lstm,), xs, slots=2)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -1,0 +1,138 @@
+"""Memory against time for checkpointing with m slots (Gruslys et al.), against the model.
+
+LSTM gradient (params, xs, state0) of sum(hs * w), float32, B=32, n_x=64, n_a=128 at one T:
+"gates" (the default), "checkpoint" at K = sqrt(T), two nests, and "checkpoint" with
+chunks of K steps and m slots for several m. For each: XLA's temp memory of the compiled
+gradient, the estimate (`jaxbptt.memory.plan_bytes`), the median time (interleaved runs in
+a new random order each round) relative to "checkpoint" at K = sqrt(T), the chunk forwards
+rerun per chunk, F(n, m) / n, and the planner's time model for it.
+
+Run: python experiments/slots_tradeoff.py [--T 1024] [--runs 7]
+Writes results/slots_tradeoff.json and results/slots_tradeoff.png.
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import RESULTS, write_json
+
+import jaxbptt as jb
+from jaxbptt import _driver, memory
+from jaxbptt.lstm import LSTM_CELL
+
+B, N_X, N_A = 32, 64, 128
+
+
+def variants(T):
+    K = _driver.chunk_size(T, _driver.Options(residuals="checkpoint"))  # sqrt(T)
+    out = [("gates", dict(residuals="gates")),
+           (f"checkpoint K={K}", dict(residuals="checkpoint"))]
+    out += [(f"nested {c}", dict(residuals="checkpoint", chunk=c)) for c in ((64, 8), (64, 4, 1))
+            if T % 64 == 0]
+    for k, ms in ((8, (4, 8, 16, 32, 64)), (2, (6, 18))):
+        out += [(f"K={k}, m={m}", dict(residuals="checkpoint", chunk=k, slots=m)) for m in ms
+                if m < -(-T // k)]
+    return out, K
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=1024)
+    p.add_argument("--runs", type=int, default=7)
+    args = p.parse_args()
+    T, t0 = args.T, time.perf_counter()
+    params = jb.init_lstm(jax.random.PRNGKey(0), N_X, N_A)
+    xs = jax.random.normal(jax.random.PRNGKey(1), (T, B, N_X))
+    w = jax.random.normal(jax.random.PRNGKey(2), (T, B, N_A))
+    fp = memory.footprint(LSTM_CELL, params, B, N_X, N_A, jnp.float32)
+    specs, K0 = variants(T)
+    rows, fns = [], []
+    for i, (name, kw) in enumerate(specs):
+        print(f"[{i + 1}/{len(specs)}] compiling {name} ...", flush=True)
+        loss = lambda p, x, kw=kw: jnp.sum(jb.lstm(p, x, **kw)[0] * w)  # noqa: E731
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile()
+        jax.block_until_ready(fn(params, xs))  # warm-up
+        chunk = kw.get("chunk", K0 if kw["residuals"] == "checkpoint" else 8)
+        n = -(-T // chunk) if isinstance(chunk, int) else None
+        plan = memory.Plan(kw["residuals"], chunk, 0, kw.get("slots"))
+        rows.append({
+            "variant": name, **kw,
+            "temp_mib": fn.memory_analysis().temp_size_in_bytes / 2**20,
+            "estimate_mib": memory.plan_bytes(kw["residuals"], chunk, T, fp,
+                                              kw.get("slots")) / 2**20,
+            "reruns_per_chunk": jb.slots.cost(n, kw["slots"]) / n if "slots" in kw else None,
+            "model": memory._time(plan, T) if not isinstance(chunk, tuple) else None,
+        })
+        fns.append(fn)
+    times = [[] for _ in fns]
+    rng = np.random.default_rng(0)
+    for r in range(args.runs):
+        print(f"round {r + 1}/{args.runs}", flush=True)
+        for i in rng.permutation(len(fns)):
+            t = time.perf_counter()
+            jax.block_until_ready(fns[i](params, xs))
+            times[i].append(time.perf_counter() - t)
+    base_i = next(i for i, r in enumerate(rows) if r["variant"].startswith("checkpoint K="))
+    base, base_model = np.median(times[base_i]), rows[base_i]["model"]
+    print(f"\nLSTM T={T}, B={B}, n_x={N_X}, n_a={N_A}, float32; median of {args.runs}; "
+          f"time relative to checkpoint K={K0}")
+    print(f"{'variant':<22}{'XLA MiB':>9}{'est MiB':>9}{'ms':>9}{'x ckpt':>8}{'F/n':>7}"
+          f"{'model':>7}")
+    for r, t in zip(rows, times):
+        r["median_ms"] = 1e3 * float(np.median(t))
+        r["relative"] = float(np.median(t) / base)
+        r["model_relative"] = r["model"] / base_model if r["model"] else None
+        fn_ = f"{r['reruns_per_chunk']:.2f}" if r["reruns_per_chunk"] is not None else "-"
+        mo = f"{r['model_relative']:.2f}" if r["model_relative"] else "-"
+        print(f"{r['variant']:<22}{r['temp_mib']:>9.2f}{r['estimate_mib']:>9.2f}"
+              f"{r['median_ms']:>9.1f}{r['relative']:>8.2f}{fn_:>7}{mo:>7}")
+    png = plot(rows, T, os.path.join(RESULTS, "slots_tradeoff.png"))
+    path = write_json("slots_tradeoff.json", {"T": T, "B": B, "n_x": N_X, "n_a": N_A,
+                                              "runs": args.runs, "rows": rows})
+    print(f"\nwrote {path}, {png} in {time.perf_counter() - t0:.0f} s")
+
+
+def plot(rows, T, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    groups = {"slots, K=8": "K=8,", "slots, K=2": "K=2,", "nested": "nested", "one start per chunk":
+              "checkpoint K=", "gates (default)": "gates"}
+    for label, prefix in groups.items():
+        pts = sorted((r["temp_mib"], r["relative"]) for r in rows
+                     if r["variant"].startswith(prefix))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 else "", label=label)
+    for r in rows:
+        if "slots" in r or isinstance(r.get("chunk"), tuple):
+            text = f"m={r['slots']}" if "slots" in r else str(r["chunk"])
+            ax.annotate(text, (r["temp_mib"], r["relative"]), fontsize=8,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ticks = [2.0**i for i in range(-1, 12)]
+    lo, hi = min(r["temp_mib"] for r in rows), max(r["temp_mib"] for r in rows)
+    ticks = [t for t in ticks if lo / 2 <= t <= hi * 2]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("XLA temp memory of the gradient (MiB)")
+    ax.set_ylabel("time relative to one start per chunk (K = sqrt T)")
+    ax.set_title(f"LSTM T={T}, B={B}, n_a={N_A}, float32: memory against time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
