@@ -8,7 +8,7 @@ a new random order each round) relative to "checkpoint" at K = sqrt(T), the chun
 rerun per chunk, F(n, m) / n, and the planner's time model for it.
 
 Run: python experiments/slots_tradeoff.py [--T 1024] [--runs 7]
-Writes results/slots_tradeoff.json and results/slots_tradeoff.png.
+Writes results/slots_tradeoff_T<T>.json and results/slots_tradeoff_T<T>.png.
 """
 
 import argparse
@@ -90,8 +90,8 @@ def main():
         mo = f"{r['model_relative']:.2f}" if r["model_relative"] else "-"
         print(f"{r['variant']:<22}{r['temp_mib']:>9.2f}{r['estimate_mib']:>9.2f}"
               f"{r['median_ms']:>9.1f}{r['relative']:>8.2f}{fn_:>7}{mo:>7}")
-    png = plot(rows, T, os.path.join(RESULTS, "slots_tradeoff.png"))
-    path = write_json("slots_tradeoff.json", {"T": T, "B": B, "n_x": N_X, "n_a": N_A,
+    png = plot(rows, T, os.path.join(RESULTS, f"slots_tradeoff_T{T}.png"))
+    path = write_json(f"slots_tradeoff_T{T}.json", {"T": T, "B": B, "n_x": N_X, "n_a": N_A,
                                               "runs": args.runs, "rows": rows})
     print(f"\nwrote {path}, {png} in {time.perf_counter() - t0:.0f} s")
 
