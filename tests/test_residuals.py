@@ -47,11 +47,14 @@ def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
 
 
-@pytest.mark.parametrize("chunk", [pytest.param((6, 3), marks=pytest.mark.slow), (8, 4, 2)])
+@pytest.mark.parametrize("options", [
+    pytest.param(dict(chunk=(6, 3)), marks=pytest.mark.slow), dict(chunk=(8, 4, 2)),
+    dict(chunk=1, slots=1), dict(chunk=1, slots=4), dict(chunk=3, slots=3)], ids=str)
 @pytest.mark.parametrize("cell", CELLS)
-def test_nested_checkpoint_equals_autodiff(cell, chunk):
-    # T = 23 pads the outer chunks; lengths, reverse, truncation and the probe all act
-    # at every level of reruns.
+def test_reruns_equal_autodiff(cell, options):
+    # T = 23 pads the (outer) chunks; lengths, reverse, truncation and the probe all act
+    # in every rerun: at every level of a nest (Chen et al.), and in a slots schedule's
+    # reruns from one kept start to the next chunk (Gruslys et al.).
     T = 23
     fn, params, xs, state0 = make(cell, T, 4, 2, 3)
     probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
@@ -62,7 +65,7 @@ def test_nested_checkpoint_equals_autodiff(cell, chunk):
             return fn(params, xs, state0, probe=probe, **kw, **extra)
         args = (params, xs if kw else jnp.nan_to_num(xs), state0, probe)
         ref = _grads(f, args, cts, backward="autodiff")
-        got = _grads(f, args, cts, residuals="checkpoint", chunk=chunk)
+        got = _grads(f, args, cts, residuals="checkpoint", **options)
         assert rel_err(got, ref) < 1e-12, kw
 
 

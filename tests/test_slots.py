@@ -1,11 +1,12 @@
-"""residuals="checkpoint", slots=m: Gruslys et al.'s schedule and its gradients."""
+"""residuals="checkpoint", slots=m: Gruslys et al.'s schedule (its gradients against autodiff
+are in test_residuals.py, with the other reruns)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cells import CELLS, cotangents, make, rel_err
+from cells import make
 from jaxbptt import slots
 
 
@@ -53,31 +54,6 @@ def test_schedule_delivers_every_state():
                     forwards += 1
                 assert state == u
             assert forwards == plan.forwards, (n, m)
-
-
-def _grads(fn, args, cts, **kw):
-    def both(args, cts):
-        out, pull = jax.vjp(lambda *a: fn(*a, **kw), *args)
-        return out, pull(cts)
-    return jax.jit(both)(args, cts)
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_slots_equal_autodiff(cell):
-    # T = 23 pads the chunks; lengths, reverse, truncation and the probe act in the reruns.
-    T = 23
-    fn, params, xs, state0 = make(cell, T, 4, 2, 3)
-    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
-    xs = xs.at[13:, 1].set(jnp.inf)
-    cts = cotangents(fn, params, xs, state0)
-    for kw in (dict(), dict(lengths=jnp.asarray([23, 13, 0, 5]), reverse=True, truncate=4)):
-        def f(params, xs, state0, probe, kw=kw, **extra):
-            return fn(params, xs, state0, probe=probe, **kw, **extra)
-        args = (params, xs if kw else jnp.nan_to_num(xs), state0, probe)
-        ref = _grads(f, args, cts, backward="autodiff")
-        for chunk, m in ((1, 1), (1, 4), (3, 3)):
-            got = _grads(f, args, cts, residuals="checkpoint", chunk=chunk, slots=m)
-            assert rel_err(got, ref) < 1e-12, (kw, chunk, m)
 
 
 def test_memory_does_not_grow_with_T():
