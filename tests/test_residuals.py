@@ -49,7 +49,8 @@ def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
 
 @pytest.mark.parametrize("options", [
     pytest.param(dict(chunk=(6, 3)), marks=pytest.mark.slow), dict(chunk=(8, 4, 2)),
-    dict(chunk=1, slots=1), dict(chunk=1, slots=4), dict(chunk=3, slots=3)], ids=str)
+    dict(chunk=1, slots=1), pytest.param(dict(chunk=1, slots=4), marks=pytest.mark.slow),
+    dict(chunk=3, slots=3)], ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 def test_reruns_equal_autodiff(cell, options):
     # T = 23 pads the (outer) chunks; lengths, reverse, truncation and the probe all act
