@@ -410,13 +410,13 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
         return (end, None), (ys, carry if "starts" in keep else None)
 
     probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
-    buffer = first = None
+    buffer = slot_of_chunk = None
     if plan is not None:  # m slots and a scratch one, which takes the starts not kept
         buffer = jax.tree.map(lambda c: jnp.broadcast_to(c, (opts.slots + 1,) + c.shape), carry0)
-        first = _by_chunk(plan.slot, opts)
+        slot_of_chunk = _by_chunk(plan.slot, opts)
     (carry_T, buffer), (ys, starts) = lax.scan(
-        chunk_body, (carry0, buffer), (layout.inputs(xs), layout.times(), probe_c, first),
-        reverse=opts.reverse)
+        chunk_body, (carry0, buffer),
+        (layout.inputs(xs), layout.times(), probe_c, slot_of_chunk), reverse=opts.reverse)
     starts = buffer if plan is not None else starts
     ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
     hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.T]
@@ -526,11 +526,11 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
         df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
-    body, init = chunk_body, (dcarry_T, df)
+    body, init, per_chunk = chunk_body, (dcarry_T, df), starts
     if plan is not None:  # the starts come from the slots: the scan runs over chunk numbers
-        body, init, starts = slot_body, (init, starts), _by_chunk(np.arange(layout.n), opts)
+        body, init, per_chunk = slot_body, (init, starts), _by_chunk(np.arange(layout.n), opts)
     out, (dxs, dstates) = lax.scan(
-        body, init, (xs_c, times, layout.chunked(dhs), (starts, kept, probe)),
+        body, init, (xs_c, times, layout.chunked(dhs), (per_chunk, kept, probe)),
         reverse=not opts.reverse)
     dcarry0, df = out if plan is None else out[0]
     if rows:

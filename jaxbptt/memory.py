@@ -76,7 +76,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     n = -(-T // sizes[0])
     keep = fp.keeps[policy]
     per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
-    starts = n if slots is None or slots >= n else slots + 1
+    reruns = slots is not None and slots < n  # (slots >= n keeps every start: plain)
+    starts = slots + 1 if reruns else n
     kept = (sum(n * sizes[0] * per_step[k] for k in keep if k in per_step)
             + starts * fp.s * ("starts" in keep))
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
@@ -84,7 +85,7 @@ def plan_bytes(policy, K, T, fp, slots=None):
     nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
     nested += sum(sizes[:-1]) * (2 * fp.x + fp.y)
     padded = n * sizes[0] * (fp.x + fp.y) if n * sizes[0] != T else 0
-    rerun = sizes[0] * fp.z if starts < n else 0  # the reruns' projections, apart
+    rerun = sizes[0] * fp.z if reruns else 0  # the reruns' projections, apart
     return (kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
             + rerun)
 
@@ -140,7 +141,7 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     plans += _slot_plans(T, fp, budget)
     fits = [p for p in plans if p.bytes <= budget]
     if not fits:
-        if T > 1:  # one step per chunk, one slot: the least memory of all
+        if T > 1:  # one step per chunk, one slot: the least of the slot plans
             plans.append(Plan("checkpoint", 1, plan_bytes("checkpoint", 1, T, fp, 1), 1))
         least = min(plans, key=lambda p: p.bytes)
         raise ValueError(f"residuals={budget} bytes is below the least any policy keeps for "

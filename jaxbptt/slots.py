@@ -50,7 +50,7 @@ def _least(t, k):
     return r * t - np.asarray([comb(k + i, k + 1) for i in range(len(reach))])[r]
 
 
-def _split(t, k):
+def _best_split(t, k):
     """The best y of a segment of t > 1 chunks with k > 1 slots."""
     y = np.arange(1, t)
     return int(y[np.argmin(y + _least(t - y, k - 1) + _least(y, k))])
@@ -62,7 +62,7 @@ def _segments(n, m):
     sizes, left, total, r = dict.fromkeys(range(m, 0, -1), 0), n, 0, 0
     while left:
         for j in sizes:  # at equal increments, the segments with more slots first
-            take = min(left, 1 if r == 0 else comb(j + r - 1, j - 1))
+            take = min(left, comb(j + r - 1, j - 1))  # C(., j) rises by r this often
             sizes[j], left, total = sizes[j] + take, left - take, total + r * take
         r += 1
     return sizes, total
@@ -81,11 +81,15 @@ class Schedule(NamedTuple):
 
     ``slot[q]``  the slot the state entering chunk q goes to whenever a forward
                  (the call's, or a rerun) passes it; ``m``, a scratch slot, if it is
-                 never kept. Writing it early is harmless: a slot is only ever
-                 reused by a state whose chunk lies left of q, which is freed after
-                 q's, and every live state lies left of where a rerun starts.
+                 never kept. Writing it before q is kept is harmless: a forward only
+                 passes chunks right of every live state, and the slot q gets is free
+                 when q is kept, so no state alive in between can hold it (one that
+                 did would lie left of q, hence still be alive when q is kept).
     ``start[u]`` the chunk whose entering state (in ``slot[start[u]]``) the
-                 backward of chunk u reruns from (u itself when it is kept).
+                 backward of chunk u reruns from: u itself when nothing has run since
+                 u's state was kept, else where the rerun under way began.
+
+    The arrays are read-only (schedules are cached).
     """
 
     slot: np.ndarray
@@ -115,8 +119,10 @@ def schedule(n: int, m: int) -> Schedule:
                 forwards += u - start[u]
                 begin = None
         else:  # run y chunks forward, keep the state reached, and recurse
-            y = _split(hi - lo, k)
+            y = _best_split(hi - lo, k)
             begin = lo if begin is None else begin
             slot[lo + y] = free.pop()
             tasks += [("C", lo, lo + y, k), ("free", lo + y, 0, 0), ("C", lo + y, hi, k - 1)]
+    slot.setflags(write=False)
+    start.setflags(write=False)
     return Schedule(slot, start, int(forwards))
