@@ -58,14 +58,14 @@ def main():
         jax.block_until_ready(fn(params, xs))  # warm-up
         chunk = kw.get("chunk", K0 if kw["residuals"] == "checkpoint" else 8)
         n = -(-T // chunk) if isinstance(chunk, int) else None
-        plan = memory.Plan(kw["residuals"], chunk, 0, kw.get("slots"))
         rows.append({
             "variant": name, **kw,
             "temp_mib": fn.memory_analysis().temp_size_in_bytes / 2**20,
             "estimate_mib": memory.plan_bytes(kw["residuals"], chunk, T, fp,
                                               kw.get("slots")) / 2**20,
             "reruns_per_chunk": jb.slots.cost(n, kw["slots"]) / n if "slots" in kw else None,
-            "model": memory._time(plan, T) if not isinstance(chunk, tuple) else None,
+            "model": (memory._time(memory.Plan(kw["residuals"], chunk, 0, kw.get("slots")), T)
+                      if isinstance(chunk, int) else None),  # nests are not planned
         })
         fns.append(fn)
     times = [[] for _ in fns]

@@ -18,12 +18,11 @@ from jaxbptt import slots as _slots
 
 
 class Plan(NamedTuple):
-    """A residual policy, its chunk size (a tuple of sizes for nested checkpointing), the
-    bytes it is estimated to keep and, for ``"checkpoint"``, the most chunk starts kept at
-    once (``None``: all)."""
+    """A residual policy, its chunk size, the bytes it is estimated to keep and, for
+    ``"checkpoint"``, the most chunk starts kept at once (``None``: all)."""
 
     residuals: str
-    chunk: int | tuple
+    chunk: int
     bytes: int
     slots: int | None = None
 
