@@ -25,6 +25,9 @@ JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead
 (the same executable gives the XLA temp memory and is timed). Method: one process, warm-up,
 then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
+"faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
+times the page size): glibc returns blocks above 32 MiB to the system when they are freed, so
+a program whose temp buffer is larger pays for fresh pages on every call.
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
 A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time, with
@@ -38,6 +41,7 @@ Writes results/bench_bptt.json and results/bench_memory_vs_T.png
 import argparse
 import importlib
 import os
+import resource
 import statistics
 import time
 
@@ -68,6 +72,7 @@ SWEEP_CHECKPOINTS = {  # more "checkpoint" variants in the T sweep: label -> key
 }
 QUICK_SWEEP_SHAPE = (8, 16, 32)
 MiB = 2.0**20
+PAGE = resource.getpagesize()
 
 
 def model_flops(cell, T, B, n_x, n_a):
@@ -199,6 +204,9 @@ def time_interleaved(variants, runs, warmup):
     steal one of the two cores (measured: that variant ran 15 % slower). So the
     order is shuffled every round and nothing is timed in the first
     ``TORCH_SETTLE_S`` after a PyTorch run.
+
+    Returns ``(times, faults)``: per variant, the seconds and the minor page faults
+    of each timed call (fresh memory the kernel had to map and zero during it).
     """
     for i in range(max(1, warmup)):
         for v in variants:
@@ -206,16 +214,19 @@ def time_interleaved(variants, runs, warmup):
             if i == 0 and v.kind == "jax":
                 v.out = out
     times = {v.name: [] for v in variants}
+    faults = {v.name: [] for v in variants}
     rng = np.random.default_rng(0)
     for _ in range(runs):
         for j in rng.permutation(len(variants)):
             v = variants[j]
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             v.run()
             times[v.name].append(time.perf_counter() - t0)
+            faults[v.name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             if v.kind == "torch":
                 time.sleep(TORCH_SETTLE_S)
-    return times
+    return times, faults
 
 
 def rel_err(got, ref):
@@ -225,7 +236,7 @@ def rel_err(got, ref):
     return max(jax.tree.leaves(errs))
 
 
-def summarize(cell, shape, variants, times, peak_gflops):
+def summarize(cell, shape, variants, times, faults, peak_gflops):
     T, B, n_x, n_a = shape
     flops = model_flops(cell, *shape)
     by = {v.name: v for v in variants}
@@ -250,7 +261,8 @@ def summarize(cell, shape, variants, times, peak_gflops):
                         "pct_gemm_peak": 100 * flops / m / 1e9 / peak_gflops,
                         "x_autodiff": m / ref_t if ref_t else None,
                         "x_scan": m / scan_t if scan_t else None,
-                        "x_torch": m / torch_t if torch_t else None})
+                        "x_torch": m / torch_t if torch_t else None,
+                        "faulted_mib": statistics.median(faults[v.name]) * PAGE / MiB})
         ref = by.get("autodiff")
         if (v.kind == "jax" and v.out is not None and ref is not None and ref.out is not None
                 and (v.name.startswith("bptt") or v.name in ("remat", "scan"))):
@@ -269,7 +281,7 @@ def print_table(cell, rows):
     title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
     head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
             f"{'×autodiff':>10}{'×scan':>7}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}"
-            f"{'mem ×ad':>9}{'mem ×scan':>10}")
+            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}")
     print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
           + "-" * len(head))
     last = None
@@ -282,7 +294,8 @@ def print_table(cell, rows):
               + fmt(r.get("x_autodiff"), ".2f", 10) + fmt(r.get("x_scan"), ".2f", 7)
               + fmt(r.get("x_torch"), ".2f", 8)
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
-              + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10))
+              + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10)
+              + fmt(r.get("faulted_mib"), ".1f", 9))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -436,8 +449,8 @@ def main():
         for shape in shapes[cell]:
             print(f"[{cell} {shape}] compiling ...", flush=True)
             variants = build_variants(cell, shape, policies, avail, notes)
-            times = time_interleaved(variants, runs, args.warmup)
-            rows += summarize(cell, shape, variants, times, peak)
+            times, faults = time_interleaved(variants, runs, args.warmup)
+            rows += summarize(cell, shape, variants, times, faults, peak)
             del variants
         results[cell] = rows
         print_table(cell, rows)
@@ -458,8 +471,8 @@ def main():
                                           label: kw for label, kw in SWEEP_CHECKPOINTS.items()
                                           if not isinstance(kw["chunk"], tuple)
                                           or T % kw["chunk"][0] == 0})
-            times = time_interleaved(variants, runs, args.warmup) if timed else {}
-            sweep_rows += summarize("lstm", (T, sB, sx, sa), variants, times, peak)
+            times, faults = time_interleaved(variants, runs, args.warmup) if timed else ({}, {})
+            sweep_rows += summarize("lstm", (T, sB, sx, sa), variants, times, faults, peak)
             del variants
         print_sweep(sweep_rows, sweep_Ts, sB, sx, sa)
         print(f"(sweep: {time.perf_counter() - t_sw:.0f} s)")
