@@ -1,0 +1,161 @@
+"""What XLA's CPU runtime does with a recurrence: the facts behind RESULTS.md's "Where the time goes".
+
+Three measurements, each side by side in this process (the one-core case in a child process
+pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
+
+1. cores   a scan of only the step product a<t-1> Wh^T, (B, n_a)·(n_a, 4 n_a), per step,
+           with every core and pinned to one: does XLA spread one small matmul over cores?
+2. overlap one such scan against two independent ones in the same jitted function, at the
+           top level and inside an outer scan (as a chunked driver would run them): does the
+           runtime run two loops at once, so that a second core could take the other one?
+3. faults  the minor page faults of one call of a jitted function whose temp buffer is
+           16, 32 + 1 or 64 MiB, and the cost of one fault on freshly mapped memory: is a
+           call's temp buffer reused from call to call, or mapped and zeroed afresh?
+
+Run: python experiments/cpu_limits.py [--runs 15]
+Writes results/cpu_limits.json. Linux only (sched_setaffinity, getrusage's minor faults).
+"""
+
+import argparse
+import json
+import mmap
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import write_json
+from jax import lax
+
+MiB = 2**20
+STEPS = 200
+
+
+def median_s(f, runs):
+    jax.block_until_ready(f())
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def step_product_us(B, n_a, runs):
+    """Microseconds per step of a scan of the LSTM's recurrent product alone."""
+    a = jnp.full((B, n_a), 0.01, jnp.float32)
+    W = jnp.full((4 * n_a, n_a), 1e-3, jnp.float32)
+    f = jax.jit(lambda a: lax.scan(lambda a, _: ((a @ W.T)[:, :n_a], None), a, None,
+                                   length=STEPS)[0])
+    return 1e6 * median_s(lambda: f(a), runs) / STEPS
+
+
+def overlap_ms(B, n_a, runs):
+    """One scan of the product, two independent ones, and two inside an outer scan."""
+    W = jnp.full((4 * n_a, n_a), 1e-3, jnp.float32)
+
+    def loop(a, n=STEPS):
+        return lax.scan(lambda a, _: (jnp.tanh(a @ W.T)[:, :n_a], None), a, None, length=n)[0]
+
+    def nested(a, b):  # 10 chunks of 20 steps, the two chains side by side in each
+        return lax.scan(lambda c, _: ((loop(c[0], 20), loop(c[1], 20)), None), (a, b), None,
+                        length=STEPS // 20)[0]
+
+    a = jnp.full((B, n_a), 0.01, jnp.float32)
+    fns = {"one scan": jax.jit(loop), "two independent scans": jax.jit(lambda a, b: (loop(a), loop(b))),
+           "two inside an outer scan": jax.jit(nested)}
+    args = {"one scan": (a,)}
+    return {name: 1e3 * median_s(lambda f=f, x=args.get(name, (a, a + 1)): f(*x), runs)
+            for name, f in fns.items()}
+
+
+def faults_per_call(temp_mib):
+    """Minor page faults of one call of a function whose temp buffer is ``temp_mib``."""
+    n = int(temp_mib * MiB) // 4 // 2  # two live float32 intermediates of n elements
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda x: jnp.sum(lax.optimization_barrier(jnp.sin(x) * 2) * jnp.cos(x)))
+    temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(f(x))
+    counts = []
+    for _ in range(5):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        jax.block_until_ready(f(x))
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    return temp, statistics.median(counts)
+
+
+def fault_cost_us(mib=128, repeats=5):
+    """Microseconds per minor fault: first touch of a fresh anonymous mapping, less a rewrite."""
+    out = []
+    for _ in range(repeats):
+        m = mmap.mmap(-1, mib * MiB)
+        a = np.frombuffer(m, np.float32)
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        a[:] = 1.0
+        first = time.perf_counter() - t0
+        n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+        t0 = time.perf_counter()
+        a[:] = 2.0
+        again = time.perf_counter() - t0
+        del a
+        m.close()
+        out.append(1e6 * (first - again) / max(n, 1))
+    return statistics.median(out), resource.getpagesize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--pinned-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    shapes = [(32, 128), (32, 256), (64, 512)]
+    if args.pinned_child:  # pinned to one CPU by the parent before JAX started
+        print(json.dumps([step_product_us(B, n_a, args.runs) for B, n_a in shapes]))
+        return
+
+    cpus = sorted(os.sched_getaffinity(0))
+    child = subprocess.run(
+        [sys.executable, __file__, "--pinned-child", "--runs", str(args.runs)],
+        capture_output=True, text=True, check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpus[0]}))
+    pinned = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"1. the step product, µs per step ({len(cpus)} CPUs against one; {STEPS} steps)")
+    print(f"{'B, n_a':<12}{'all CPUs':>10}{'one CPU':>10}{'ratio':>8}{'GFLOP/s':>10}")
+    cores = []
+    for (B, n_a), one in zip(shapes, pinned):
+        us = step_product_us(B, n_a, args.runs)
+        gf = 2 * B * n_a * 4 * n_a / us / 1e3
+        cores.append({"B": B, "n_a": n_a, "us_all": us, "us_one": one, "gflops_all": gf})
+        print(f"{f'{B}, {n_a}':<12}{us:>10.1f}{one:>10.1f}{one / us:>8.2f}{gf:>10.0f}")
+
+    print("\n2. independent loops in one jitted function, ms (B=32, n_a=128)")
+    over = overlap_ms(32, 128, args.runs)
+    for name, ms in over.items():
+        print(f"  {name:<28}{ms:>8.2f}  ({ms / over['one scan']:.2f}× one)")
+
+    print("\n3. page faults of one call, by temp buffer size")
+    faults = []
+    for mib in (16, 33, 64):
+        temp, n = faults_per_call(mib)
+        page = resource.getpagesize()
+        faults.append({"temp_mib": temp / MiB, "faults": n, "faulted_mib": n * page / MiB})
+        print(f"  temp {temp / MiB:6.1f} MiB: {n:>7.0f} faults ({n * page / MiB:.1f} MiB)")
+    cost, page = fault_cost_us()
+    print(f"  one fault on fresh memory: {cost:.2f} µs per {page // 1024} KiB page "
+          f"({cost * MiB / page / 1e3:.2f} ms per MiB)")
+
+    path = write_json("cpu_limits.json", {
+        "runs": args.runs, "steps": STEPS, "cpus": len(cpus), "step_product": cores,
+        "overlap_ms": over, "faults_per_call": faults,
+        "fault_cost_us": cost, "page_bytes": page})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
