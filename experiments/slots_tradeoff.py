@@ -1,6 +1,6 @@
 """Memory against time for checkpointing with m slots (Gruslys et al.), against the model.
 
-LSTM gradient (params, xs, state0) of sum(hs * w), float32, B=32, n_x=64, n_a=128 at one T:
+LSTM gradient (params, xs; zero initial state) of sum(hs * w), float32, B=32, n_x=64, n_a=128 at one T:
 "gates" (the default), "checkpoint" at K = sqrt(T), two nests, and "checkpoint" with
 chunks of K steps and m slots for several m. For each: XLA's temp memory of the compiled
 gradient, the estimate (`jaxbptt.memory.plan_bytes`), the median time (interleaved runs in
