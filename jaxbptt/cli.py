@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 
 def _check(args) -> int:
@@ -203,6 +204,19 @@ def _gradflow(args) -> int:
     return 0
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, but for flags, required options and
+    defaults that the help itself explains (None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.required
+                or action.default is argparse.SUPPRESS or "%(default)" in text
+                or not action.option_strings):
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
     from jaxbptt import check, tasks
 
@@ -211,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Backpropagation through time with hand-derived gradients, in JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Defaults
     p = sub.add_parser(
         "check", help="compare the hand-derived BPTT with jax.grad on every cell and backend",
         description="For every cell and variant, on every JAX backend present, compare the "
@@ -234,20 +248,22 @@ def _parser() -> argparse.ArgumentParser:
                    "(the course's Dinosaurus model); adding; copy (copy-memory)")
     p.add_argument("--steps", type=_positive_int, default=2000, help="total training steps")
     p.add_argument("--out", help="run directory (default: runs/TASK-CELL)")
-    p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="rnn")
+    p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="rnn", help="recurrent cell")
     p.add_argument("--hidden", type=_positive_int, default=50, help="hidden size n_a")
     p.add_argument("--batch", type=_positive_int, default=32, help="sequences per step")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optax optimizer")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
     p.add_argument("--clip", choices=("value", "norm", "none"), default="value",
                    help="gradient clipping: element-wise (the course), global norm, or none")
-    p.add_argument("--clip-value", type=_positive_float, default=5.0)
+    p.add_argument("--clip-value", type=_positive_float, default=5.0,
+                   help="the bound of --clip value or norm")
     p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
                    help="hand-derived BPTT or jax autodiff of the same forward")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--T", type=int, default=0,
                    help="sequence length of adding / delay of copy (0: task default 50 / 20)")
-    p.add_argument("--save-every", type=_positive_int, default=500)
+    p.add_argument("--save-every", type=_positive_int, default=500,
+                   help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=500,
                    help="print sampled names every N steps (charlm; 0: never)")
     p.add_argument("--devices", type=_positive_int, default=1,
@@ -262,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the run directory of 'jaxbptt train charlm'")
     p.add_argument("--n", type=_positive_int, default=10, help="how many names")
     p.add_argument("--max-len", type=_positive_int, default=20, help="longest name")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(run=_sample, parser=p)
 
     p = sub.add_parser(
@@ -276,15 +292,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=240,
                    help="training steps for the heat map (0: skip training)")
     p.add_argument("--train-T", type=_positive_int, default=50, help="adding-task length")
-    p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
+                   help="hand-derived BPTT or jax autodiff of the same forward")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=os.path.join("runs", "gradflow"), help="output directory")
     p.set_defaults(run=_gradflow, parser=p)
     return parser
 
 
+def _one_line(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _one_line  # a user of the CLI needs the message, not our source line
     return args.run(args)
 
 
