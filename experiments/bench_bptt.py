@@ -1,9 +1,9 @@
 """Forward + backward time and XLA memory of jaxbptt's BPTT against autodiff, remat and peers.
 
-Run:  python experiments/bench_bptt.py            # full run, ~10 min on 2 cores
+Run:  python experiments/bench_bptt.py            # full run, ~15 min on 2 cores
       python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
-               --sweep-time-max-T 1024 (4096 times the whole sweep, ~+1.5 min)  --no-sweep
+               --sweep-time-max-T 4096 (1024 skips timing the longest, ~-5 min)  --no-sweep
                --torch-threads N (default: PyTorch's own default, reported)
 
 For each cell (RNN, LSTM, GRU in its cuDNN form) and shape (T, B, n_x, n_a) it times the
@@ -393,7 +393,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
     p.add_argument("--sweep-T", default=None, help="T values of the sweep (64,256,1024,4096)")
     p.add_argument("--sweep-time-max-T", type=int, default=None,
-                   help="time the sweep up to this T (1024; larger T: memory only)")
+                   help="time the sweep up to this T (4096; larger T: memory only)")
     p.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) (default: leave PyTorch's default)")
@@ -407,7 +407,7 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     sweep_Ts = ([int(t) for t in args.sweep_T.split(",")] if args.sweep_T else
                 [16, 64, 256, 1024] if args.quick else [64, 256, 1024, 4096])
-    sweep_time_max = args.sweep_time_max_T or (256 if args.quick else 1024)
+    sweep_time_max = args.sweep_time_max_T or (256 if args.quick else 4096)
     sB, sx, sa = QUICK_SWEEP_SHAPE if args.quick else SWEEP_SHAPE
     suffix = "_quick" if args.quick else ""
 
