@@ -26,8 +26,8 @@ JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead
 then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
 "faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
-times the page size): glibc returns blocks above 32 MiB to the system when they are freed, so
-a program whose temp buffer is larger pays for fresh pages on every call.
+times the page size): a temp buffer above 32 MiB was mapped afresh on every call on the machine
+of RESULTS.md, smaller ones were reused (experiments/cpu_limits.py measures it).
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
 A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time, with
