@@ -96,11 +96,11 @@ def build(args):
     else:
         params, s0, run = jb.init_rnn(k[0], n_x, n_a), a0, jb.rnn
 
-    def loss(params, xs, s0):
+    def loss(params, xs, s0, w):  # w an argument: the cotangent of hs is data, as in training
         return jnp.sum(run(params, xs, s0, **kw)[0] * w)
 
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, xs, s0).compile()
-    return (lambda: jax.block_until_ready(compiled(params, xs, s0))), compiled
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, xs, s0, w).compile()
+    return (lambda: jax.block_until_ready(compiled(params, xs, s0, w))), compiled
 
 
 def main():
