@@ -10,7 +10,9 @@ Each op is classed from the compiled HLO:
   other    every other op: elementwise fusions, copies, slices, loop counters
 
 and by how many times it runs per call: per step (at least T times), per chunk, or once.
-The table lists the ops that take the most time; the summary gives the shares by class.
+The table lists the ops that take the most time; the summary gives the shares by class, and
+the time independent ops of a loop body ran side by side (XLA's CPU runtime starts them on
+different cores).
 The profiler slows a call down (by 10-30 % here), so compare shares, not totals, with
 bench_bptt.py; the untraced median is printed beside them.
 
@@ -77,6 +79,22 @@ def hlo_ops(text):
     return ops
 
 
+def concurrency(spans):
+    """The time some op ran (the union of the spans), and the time each pair of ops ran
+    side by side: XLA's CPU runtime runs independent ops of a body on different cores."""
+    busy, pairs, running, end = 0, collections.Counter(), [], None
+    for start, stop, name in sorted(spans):
+        if end is None or start > end:
+            busy += 0 if end is None else end - first
+            first, end = start, stop
+        end = max(end, stop)
+        running = [(e, n) for e, n in running if e > start]
+        for e, n in running:
+            pairs[tuple(sorted((name, n)))] += min(e, stop) - start
+        running.append((stop, name))
+    return busy + (0 if end is None else end - first), pairs
+
+
 def build(args):
     T, B, n_x, n_a = args.shape
     k = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -133,13 +151,15 @@ def main():
                 call()
         trace = jax.profiler.ProfileData.from_file(
             glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-        total, count = collections.Counter(), collections.Counter()
+        total, count, spans = collections.Counter(), collections.Counter(), []
         for plane in trace.planes:
             for line in plane.lines:
                 for ev in line.events:
                     if ev.name in ops and ops[ev.name][0] not in CONTAINERS:
                         total[ev.name] += ev.duration_ns
                         count[ev.name] += 1
+                        spans.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name))
+    busy_ns, side_by_side = concurrency(spans)
 
     n = args.calls
     rows = []
@@ -163,7 +183,9 @@ def main():
              + (f"[{args.residuals}]" if args.backward == "bptt" else "")
              + (f" chunk={args.chunk}" if args.chunk else "")
              + (f" variant={args.variant}" if args.cell == "gru" else ""))
-    print(f"{label}: {median_ms:.2f} ms per call untraced; ops traced {ops_ms:.2f} ms per call")
+    busy_ms = busy_ns / n / 1e6
+    print(f"{label}: {median_ms:.2f} ms per call untraced; traced, the ops took {ops_ms:.2f} ms "
+          f"per call, {busy_ms:.2f} ms of it with at least one op running")
     print(f"{'op':36s} {'result':16s} {'class':7s} {'runs/call':>9s} {'us each':>9s} "
           f"{'GFLOP/s':>7s} {'ms/call':>8s} {'share':>6s}")
     for r in rows[: args.top]:
@@ -174,14 +196,20 @@ def main():
     print()
     for c, ms in sorted(classes.items(), key=lambda kv: -kv[1]):
         print(f"{c:24s} {ms:8.3f} ms per call {100 * ms / ops_ms:5.1f}%")
-    T_, B, n_x, n_a = args.shape
+    print("\nops run side by side (ms per call):")
+    overlaps = [{"ops": list(pair), "ms_per_call": ns / n / 1e6}
+                for pair, ns in side_by_side.most_common(5) if ns / n / 1e6 >= 0.01]
+    for o in overlaps:
+        a, b = o["ops"]
+        print(f"  {o['ms_per_call']:8.3f}  {a} {ops[a][1].split('{')[0]} & {b} {ops[b][1].split('{')[0]}")
     name = "_".join([f"profile_ops_{args.cell}", *map(str, args.shape), args.backward]
                     + ([args.residuals] if args.backward == "bptt" else [])
                     + ([args.variant] if args.cell == "gru" else [])
                     + ([f"chunk{args.chunk}"] if args.chunk else []))
     path = write_json(f"{name}.json", {
         "label": label, "args": vars(args), "calls": n, "untraced_median_ms": median_ms,
-        "ops_ms_per_call": ops_ms, "classes_ms_per_call": dict(classes), "ops": rows})
+        "ops_ms_per_call": ops_ms, "busy_ms_per_call": busy_ms,
+        "classes_ms_per_call": dict(classes), "side_by_side": overlaps, "ops": rows})
     print(f"\nwrote {path}")
 
 
