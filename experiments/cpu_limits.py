@@ -8,6 +8,8 @@ pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
 2. overlap one such scan against two independent ones in the same jitted function, at the
            top level and inside an outer scan (as a chunked driver would run them): does the
            runtime run two loops at once, so that a second core could take the other one?
+           And in one body of an outer scan, a chunk's loop beside an independent product
+           (the previous chunk's weight gradient), and two independent products.
 3. faults  the minor page faults of one call of a jitted function whose temp buffer is
            16, 32 + 1 or 64 MiB, and the cost of one fault on freshly mapped memory: is a
            call's temp buffer reused from call to call, or mapped and zeroed afresh?
@@ -71,6 +73,38 @@ def overlap_ms(B, n_a, runs):
            "two inside an outer scan": jax.jit(nested)}
     args = {"one scan": (a,)}
     return {name: 1e3 * median_s(lambda f=f, x=args.get(name, (a, a + 1)): f(*x), runs)
+            for name, f in fns.items()}
+
+
+def beside_ms(B, n_a, runs, K=20):
+    """In an outer scan over chunks of K steps (as the driver's backward): a chunk's loop and
+    a weight-gradient-sized product (K B, 4 n_a)^T (K B, n_a) alone, the two in one body, and
+    two independent products in one body. Does the runtime run independent ops at once?"""
+    W = jnp.full((4 * n_a, n_a), 1e-3, jnp.float32)
+    n = STEPS // K
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    D = jax.random.normal(k[0], (n, K * B, 4 * n_a), jnp.float32)  # arguments, not constants
+    X = jax.random.normal(k[1], (n, K * B, n_a), jnp.float32)
+    X2 = jax.random.normal(k[2], (n, K * B, n_a), jnp.float32)
+    a0, acc0 = jnp.full((B, n_a), 0.01, jnp.float32), jnp.zeros((4 * n_a, n_a), jnp.float32)
+
+    def loop(a):
+        return lax.scan(lambda a, _: (jnp.tanh(a @ W.T)[:, :n_a], None), a, None, length=K)[0]
+
+    def chunks(body):
+        return jax.jit(lambda a, acc, acc2, D, X, X2: lax.scan(
+            lambda c, u: (body(c, D[u], X[u], X2[u]), None), (a, acc, acc2), jnp.arange(n))[0])
+
+    def grad(d, x):  # a weight gradient of one chunk: sum over its K B rows
+        return jnp.einsum("rg,rj->gj", d, x)
+
+    fns = {
+        "loop": chunks(lambda c, d, x, x2: (loop(c[0]), c[1], c[2])),
+        "product": chunks(lambda c, d, x, x2: (c[0], c[1] + grad(d, x), c[2])),
+        "loop beside a product": chunks(lambda c, d, x, x2: (loop(c[0]), c[1] + grad(d, x), c[2])),
+        "two products": chunks(lambda c, d, x, x2: (c[0], c[1] + grad(d, x), c[2] + grad(d, x2))),
+    }
+    return {name: 1e3 * median_s(lambda f=f: f(a0, acc0, acc0, D, X, X2), runs)
             for name, f in fns.items()}
 
 
@@ -139,6 +173,13 @@ def main():
     for name, ms in over.items():
         print(f"  {name:<28}{ms:>8.2f}  ({ms / over['one scan']:.2f}× one)")
 
+    print(f"\n   ops of one loop body, ms (outer scan over {STEPS // 20} chunks of 20 steps)")
+    side = beside_ms(32, 128, args.runs)
+    for name, ms in side.items():
+        print(f"  {name:<28}{ms:>8.2f}")
+    print(f"  the loop beside the product took {side['loop beside a product'] / (side['loop'] + side['product']):.2f}"
+          f"× their sum; two products {side['two products'] / side['product']:.2f}× one")
+
     print("\n3. page faults of one call, by temp buffer size")
     faults = []
     for mib in (16, 33, 64):
@@ -152,7 +193,7 @@ def main():
 
     path = write_json("cpu_limits.json", {
         "runs": args.runs, "steps": STEPS, "cpus": len(cpus), "step_product": cores,
-        "overlap_ms": over, "faults_per_call": faults,
+        "overlap_ms": over, "beside_ms": side, "faults_per_call": faults,
         "fault_cost_us": cost, "page_bytes": page})
     print(f"\nwrote {path}")
 
