@@ -2,6 +2,7 @@
 
 Run:  python experiments/bench_bptt.py            # full run, ~15 min on 2 cores
       python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
+      python experiments/bench_bptt.py --resummarize results/bench_bptt.json  # ratios from stored times
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
                --sweep-time-max-T 4096 (1024 skips timing the longest, ~-5 min)  --no-sweep
                --torch-threads N (default: PyTorch's own default, reported)
@@ -25,6 +26,8 @@ JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead
 (the same executable gives the XLA temp memory and is timed). Method: one process, warm-up,
 then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
+Ratios: of the medians (x_autodiff, x_scan, x_torch), and paired (x_*_paired): the median over
+the rounds of the two times of the same round, with its quartiles.
 "faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
 times the page size): a temp buffer above 32 MiB was mapped afresh on every call on the machine
 of RESULTS.md, smaller ones were reused (experiments/cpu_limits.py measures it).
@@ -40,6 +43,7 @@ Writes results/bench_bptt.json and results/bench_memory_vs_T.png
 
 import argparse
 import importlib
+import json
 import os
 import resource
 import statistics
@@ -270,18 +274,62 @@ def summarize(cell, shape, variants, times, faults, peak_gflops):
         rows.append(row)
     for v in variants:
         v.out = None
+    return paired(rows)
+
+
+PAIRED_REFS = ("autodiff", "scan", "torch")
+
+
+def paired(rows):
+    """Adds to each row of one shape ``x_<ref>_paired``: the median over the rounds of its
+    time divided by the reference's time in the same round, and the quartiles of those
+    ratios (``x_<ref>_paired_iqr``). Ratios taken side by side are moved less by a slow spell
+    of a shared machine than the ratio of two medians (``x_<ref>``)."""
+    times = {r["variant"]: r["times_ms"] for r in rows if r.get("times_ms")}
+    for r in rows:
+        ts = times.get(r["variant"])
+        for ref in PAIRED_REFS:
+            if not ts or len(times.get(ref, ())) != len(ts):
+                continue
+            q = [t / u for t, u in zip(ts, times[ref])]
+            m = statistics.median(q)
+            r[f"x_{ref}_paired"] = m
+            r[f"x_{ref}_paired_iqr"] = statistics.quantiles(q, n=4)[::2] if len(q) > 1 else [m, m]
     return rows
+
+
+def resummarize(path):
+    """Recomputes the paired ratios and the geometric means of a stored run from its times."""
+    with open(path) as f:
+        data = json.load(f)
+    for cell, rows in data["results"].items():
+        for shape in dict.fromkeys((r["T"], r["B"], r["n_x"], r["n_a"]) for r in rows):
+            paired([r for r in rows if (r["T"], r["B"], r["n_x"], r["n_a"]) == shape])
+        data["geomeans"][cell] = geomeans(rows)
+        print_table(cell, rows)
+        print_geomeans(cell, data["geomeans"][cell])
+    sweep = data.get("sweep", {}).get("rows", [])
+    for T in dict.fromkeys(r["T"] for r in sweep):
+        paired([r for r in sweep if r["T"] == T])
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"\nrewrote {path}")
 
 
 def fmt(x, spec, width):
     return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
 
+def _paired_text(r, ref):
+    m, iqr = r.get(f"x_{ref}_paired"), r.get(f"x_{ref}_paired_iqr")
+    return "-" if m is None else f"{m:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+
+
 def print_table(cell, rows):
     title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
     head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
             f"{'×autodiff':>10}{'×scan':>7}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}"
-            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}")
+            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}{'×ad paired':>18}{'×torch paired':>18}")
     print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
           + "-" * len(head))
     last = None
@@ -295,7 +343,8 @@ def print_table(cell, rows):
               + fmt(r.get("x_torch"), ".2f", 8)
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
               + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10)
-              + fmt(r.get("faulted_mib"), ".1f", 9))
+              + fmt(r.get("faulted_mib"), ".1f", 9)
+              + "".join(f"{_paired_text(r, ref):>18}" for ref in ("autodiff", "torch")))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -308,7 +357,7 @@ def print_table(cell, rows):
 
 
 GEOMEAN_KEYS = ("x_autodiff", "x_scan", "x_torch", "pct_gemm_peak", "mem_x_autodiff",
-                "mem_x_scan")
+                "mem_x_scan", "x_autodiff_paired", "x_scan_paired", "x_torch_paired")
 
 
 def geomeans(rows):
@@ -323,9 +372,9 @@ def geomeans(rows):
 
 def print_geomeans(cell, gm):
     print(f"{cell.upper()} geometric mean over the shapes:" + "".join(
-        f"{k:>16}" for k in GEOMEAN_KEYS))
+        f"{k:>18}" for k in GEOMEAN_KEYS))
     for name, g in gm.items():
-        print(f"  {name:<40}" + "".join(fmt(g[k], ".2f", 16) for k in GEOMEAN_KEYS))
+        print(f"  {name:<40}" + "".join(fmt(g[k], ".2f", 18) for k in GEOMEAN_KEYS))
 
 
 def print_sweep(rows, Ts, B, n_x, n_a):
@@ -397,7 +446,13 @@ def main():
     p.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) (default: leave PyTorch's default)")
+    p.add_argument("--resummarize", metavar="JSON", default=None,
+                   help="recompute the paired ratios and geometric means of a stored run "
+                        "from its times, and rewrite it (no timing)")
     args = p.parse_args()
+    if args.resummarize:
+        resummarize(args.resummarize)
+        return
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     bad = [c for c in cells if c not in GATES]
