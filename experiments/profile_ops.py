@@ -13,7 +13,7 @@ and by how many times it runs per call: per step (at least T times), per chunk, 
 The table lists the ops that take the most time; the summary gives the shares by class, and
 the time independent ops of a loop body ran side by side (XLA's CPU runtime starts them on
 different cores).
-The profiler slows a call down (by 10-30 % here), so compare shares, not totals, with
+The profiler slows a call down (by up to 30 % here), so compare shares, not totals, with
 bench_bptt.py; the untraced median is printed beside them.
 
 Run: python experiments/profile_ops.py [--cell lstm] [--shape 100 32 64 128]
