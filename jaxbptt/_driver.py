@@ -80,7 +80,7 @@ from jaxbptt import _checks
 from jaxbptt import slots as _slots
 
 POLICIES = ("gates", "states", "checkpoint")
-CHUNK = 8  # steps per chunk for "gates" and "states" unless the cell says (``cell.chunk``)
+CHUNK = 8  # steps per chunk for "gates" and "states" unless the cell says (`default_chunk`)
 
 
 class Options(NamedTuple):
@@ -103,6 +103,13 @@ class Saved(NamedTuple):
     outputs: Any = None  # (T', ...) every output (hidden state), unmasked
     res: Any = None  # (T', ...) every step's residuals (gate activations)
     starts: Any = None  # (T'/K, ...) the state entering each chunk; with slots, (m+1, ...)
+
+
+def default_chunk(cell, B, n_a, dtype):
+    """Steps per chunk for "gates" and "states" when ``chunk=`` is not given: the
+    cell's ``chunk(B, n_a, dtype)`` if it has one, else `CHUNK`."""
+    rule = getattr(cell, "chunk", None)
+    return CHUNK if rule is None else rule(B, n_a, dtype)
 
 
 def chunk_size(T, opts):
@@ -587,7 +594,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
             raise ValueError("slots= cannot be given with a memory budget: the plan chooses it")
         residuals, chunk, _, slots = memory.plan(
             T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals,
-            getattr(cell, "chunk", CHUNK))
+            default_chunk(cell, B, n_a, dtype))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
@@ -605,7 +612,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
-                   levels, slots, getattr(cell, "chunk", CHUNK))
+                   levels, slots, default_chunk(cell, B, n_a, dtype))
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

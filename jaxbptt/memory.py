@@ -192,4 +192,4 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
     return plan(T, footprint(cell, params, B, n_x, n_a, dtype), budget,
-                getattr(cell, "chunk", _driver.CHUNK))
+                _driver.default_chunk(cell, B, n_a, dtype))

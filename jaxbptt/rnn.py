@@ -44,10 +44,19 @@ def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
         ba=jnp.zeros((n_a,), dtype))
 
 
+_CHUNK_BYTES = 4 << 20  # one (K, B, n_a) block of a chunk, at most (but for K = 32)
+
+
 class _RNNCell(_driver.HiddenState):
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
-    chunk = 32  # its chunks keep little (no gates): longer ones pay (experiments/RESULTS.md)
+    @staticmethod
+    def chunk(B, n_a, dtype):
+        """Steps per chunk for "gates" and "states": a chunk keeps no gates, so its
+        fixed cost (the outer loops' ops, the products over K B rows) is what short
+        chunks pay. As many steps as keep a (K, B, n_a) block within 4 MiB, from 32
+        to 128 (experiments/RESULTS.md: longer blocks are mapped afresh each call)."""
+        return int(min(128, max(32, _CHUNK_BYTES // (B * n_a * jnp.dtype(dtype).itemsize))))
 
     @staticmethod
     def fuse(p):
@@ -112,7 +121,8 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
       residuals: what the forward keeps for ``backward="bptt"``: ``"gates"``,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).
-      chunk: steps per chunk (default 32, or a divisor of T near it; sqrt(T) for
+      chunk: steps per chunk (default: as many as keep K*B*n_a numbers within 4 MiB,
+        32 to 128, or a divisor of T near it; sqrt(T) for
         ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
         reruns (each size dividing the one before).
       slots: with ``"checkpoint"``, keep at most this many chunk starts at once,

@@ -1,12 +1,17 @@
 """Every residual policy and chunk size gives the same gradients; the default saves memory."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxbptt as jb
+from jaxbptt import _driver
 from cells import CELLS, cotangents, make, rel_err
+
+LSTM_CELL = importlib.import_module("jaxbptt.lstm").LSTM_CELL
 
 
 def _grads(fn, args, cts, **kw):
@@ -88,6 +93,21 @@ def test_unknown_policy_and_bad_chunk():
         fn(params, xs, state0, residuals="all")
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         fn(params, xs, state0, chunk=0)
+
+
+def test_rnn_default_chunk_keeps_a_block_within_4_mib():
+    # The RNN's chunks keep no gates: as many steps as keep a (K, B, n_a) block within
+    # 4 MiB, from 32 to 128, then moved to a divisor of T near it.
+    rnn = importlib.import_module("jaxbptt.rnn").RNN_CELL
+    assert rnn.chunk(32, 128, np.float32) == 128  # 16 KiB a step
+    assert rnn.chunk(32, 256, np.float64) == 64  # 64 KiB a step
+    assert rnn.chunk(64, 512, np.float32) == 32  # 128 KiB a step
+    assert rnn.chunk(256, 1024, np.float32) == 32  # never fewer steps
+    for T, K in ((100, 100), (200, 100), (1024, 128), (7, 7)):
+        opts = _driver.Options(default_chunk=_driver.default_chunk(rnn, 32, 128, np.float32))
+        assert _driver.chunk_size(T, opts) == K, T
+    opts = _driver.Options(default_chunk=_driver.default_chunk(LSTM_CELL, 32, 128, np.float32))
+    assert _driver.chunk_size(100, opts) == 10  # the LSTM's 8, moved to a divisor
 
 
 def _temp_bytes(fn, params, xs, **kw):
