@@ -203,9 +203,17 @@ def equinox_setup(cell, key, n_x, n_a, a0, c0):
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
-def torch_setup(cell, n_x, n_a, xs, a0, c0, w):
+def torch_setup(cell, n_x, n_a, xs, a0, c0, w, onednn=True):
     """nn.LSTM / GRU / RNN (tanh), float32 CPU. Returns ``run()``: forward + backward once,
-    gradients for the parameters, the inputs and h0 (and c0), as the JAX variants."""
+    gradients for the parameters, the inputs and h0 (and c0), as the JAX variants.
+
+    On the CPU, PyTorch runs nn.LSTM through oneDNN's fused RNN primitive when oneDNN
+    is enabled (its default); ``onednn=False`` runs the call under
+    ``torch.backends.mkldnn.flags(enabled=False)``, i.e. PyTorch's own ATen LSTM: a GEMM
+    per step and separate elementwise kernels, the path its GRU and RNN always take.
+    """
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
@@ -220,8 +228,9 @@ def torch_setup(cell, n_x, n_a, xs, a0, c0, w):
     def run():
         for leaf in leaves:
             leaf.grad = None
-        hs, _ = module(xs_t, (h0, c0_t) if cell == "lstm" else h0)
-        (hs * w_t).sum().backward()
+        with contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False):
+            hs, _ = module(xs_t, (h0, c0_t) if cell == "lstm" else h0)
+            (hs * w_t).sum().backward()
         return leaves[0].grad
 
     return run

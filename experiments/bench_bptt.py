@@ -1,6 +1,7 @@
 """Forward + backward time and XLA memory of jaxbptt's BPTT against autodiff, remat and peers.
 
-Run:  python experiments/bench_bptt.py            # full run, ~15 min on 2 cores
+Peers: pip install -e ".[bench]" torch==2.13.0   (Flax, Equinox, matplotlib; PyTorch pinned)
+Run:  python experiments/bench_bptt.py            # full run, ~20 min on 2 cores
       python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
       python experiments/bench_bptt.py --resummarize results/bench_bptt.json  # ratios from stored times
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
@@ -20,13 +21,17 @@ state(s), float32, for:
   remat           a plain lax.scan of the same cell, jax.checkpoint around the step (autodiff)
   flax            flax.linen nn.RNN(OptimizedLSTMCell / GRUCell / SimpleCell), time_major
   equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
-  torch           PyTorch nn.LSTM / GRU / RNN on the CPU, autograd (default thread count)
+  torch           PyTorch nn.LSTM / GRU / RNN on the CPU, autograd (default thread count);
+                  its nn.LSTM runs oneDNN's fused RNN primitive
+  torch-aten      (LSTM) the same nn.LSTM with oneDNN switched off: PyTorch's ATen path, a
+                  GEMM per step and separate elementwise kernels, as its GRU and RNN always run
 
 JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead of time
 (the same executable gives the XLA temp memory and is timed). Method: one process, warm-up,
 then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
-Ratios: of the medians (x_autodiff, x_scan, x_torch), and paired (x_*_paired): the median over
+Ratios: of the medians (x_autodiff, x_scan, x_torch), and paired (x_*_paired, also against
+torch-aten): the median over
 the rounds of the two times of the same round, with its quartiles.
 "faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
 times the page size): a temp buffer above 32 MiB was mapped afresh on every call on the machine
@@ -194,6 +199,9 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True,
             notes.add(f"{cell} {shape} {name}: failed ({type(e).__name__}: {msg})")
     if with_peers_time and avail.get("torch"):
         variants.append(Variant("torch", "torch", peers.torch_setup(cell, n_x, n_a, xs, a0, c0, w)))
+        if cell == "lstm":  # PyTorch's GRU and RNN have no oneDNN path: the same as "torch"
+            variants.append(Variant("torch-aten", "torch", peers.torch_setup(
+                cell, n_x, n_a, xs, a0, c0, w, onednn=False)))
     return variants
 
 
@@ -277,7 +285,7 @@ def summarize(cell, shape, variants, times, faults, peak_gflops):
     return paired(rows)
 
 
-PAIRED_REFS = ("autodiff", "scan", "torch")
+PAIRED_REFS = ("autodiff", "scan", "torch", "torch-aten")
 
 
 def paired(rows):
@@ -329,7 +337,8 @@ def print_table(cell, rows):
     title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
     head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
             f"{'×autodiff':>10}{'×scan':>7}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}"
-            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}{'×ad paired':>18}{'×torch paired':>18}")
+            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}{'×ad paired':>18}{'×torch paired':>18}"
+            f"{'×aten paired':>18}")
     print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
           + "-" * len(head))
     last = None
@@ -344,7 +353,7 @@ def print_table(cell, rows):
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
               + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10)
               + fmt(r.get("faulted_mib"), ".1f", 9)
-              + "".join(f"{_paired_text(r, ref):>18}" for ref in ("autodiff", "torch")))
+              + "".join(f"{_paired_text(r, ref):>18}" for ref in ("autodiff", "torch", "torch-aten")))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -357,7 +366,8 @@ def print_table(cell, rows):
 
 
 GEOMEAN_KEYS = ("x_autodiff", "x_scan", "x_torch", "pct_gemm_peak", "mem_x_autodiff",
-                "mem_x_scan", "x_autodiff_paired", "x_scan_paired", "x_torch_paired")
+                "mem_x_scan", "x_autodiff_paired", "x_scan_paired", "x_torch_paired",
+                "x_torch-aten_paired")
 
 
 def geomeans(rows):
@@ -408,7 +418,7 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
         mem = [(r["T"], r["temp_mib"]) for r in rs if r.get("temp_mib")]
         tim = [(r["T"], r["median_ms"]) for r in rs if r.get("median_ms")]
         style = dict(marker="o", color=colors[name], label=name,
-                     linestyle="--" if name in ("flax", "equinox", "torch") else "-")
+                     linestyle="--" if name in ("flax", "equinox", "torch", "torch-aten") else "-")
         if mem:
             ax_m.plot(*zip(*mem), **style)
         if tim:
