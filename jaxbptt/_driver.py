@@ -114,11 +114,11 @@ def block_chunk(numbers_per_step, dtype, least, most=128, block=4 << 20):
     return int(min(most, max(least, fit)))
 
 
-def default_chunk(cell, policy, B, n_a, dtype):
+def default_chunk(cell, B, n_a, dtype):
     """Steps per chunk for "gates" and "states" when ``chunk=`` is not given: the
-    cell's ``chunk(policy, B, n_a, dtype)`` if it has one, else `CHUNK`."""
+    cell's ``chunk(B, n_a, dtype)`` if it has one, else `CHUNK`."""
     rule = getattr(cell, "chunk", None)
-    return CHUNK if rule is None else rule(policy, B, n_a, dtype)
+    return CHUNK if rule is None else rule(B, n_a, dtype)
 
 
 def chunk_size(T, opts):
@@ -603,7 +603,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
             raise ValueError("slots= cannot be given with a memory budget: the plan chooses it")
         residuals, chunk, _, slots = memory.plan(
             T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals,
-            functools.partial(default_chunk, cell, B=B, n_a=n_a, dtype=dtype))
+            default_chunk(cell, B, n_a, dtype))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
@@ -621,7 +621,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
-                   levels, slots, default_chunk(cell, residuals, B, n_a, dtype))
+                   levels, slots, default_chunk(cell, B, n_a, dtype))
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

@@ -8,7 +8,6 @@ would run.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -116,7 +115,7 @@ def _slot_plans(T, fp, budget):
     return plans
 
 
-def plan(T, fp, budget, default_chunk=lambda policy: _driver.CHUNK):
+def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
 
     The candidates are every policy at every chunk K (up to its default for
@@ -135,7 +134,7 @@ def plan(T, fp, budget, default_chunk=lambda policy: _driver.CHUNK):
         raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
     plans = []
     for policy in _driver.POLICIES:
-        opts = _driver.Options(residuals=policy, default_chunk=default_chunk(policy))
+        opts = _driver.Options(residuals=policy, default_chunk=default_chunk)
         top = T if policy == "checkpoint" else _driver.chunk_size(T, opts)
         plans += [Plan(policy, K, plan_bytes(policy, K, T, fp)) for K in range(1, top + 1)]
     plans += _slot_plans(T, fp, budget)
@@ -193,4 +192,4 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
     return plan(T, footprint(cell, params, B, n_x, n_a, dtype), budget,
-                functools.partial(_driver.default_chunk, cell, B=B, n_a=n_a, dtype=dtype))
+                _driver.default_chunk(cell, B, n_a, dtype))

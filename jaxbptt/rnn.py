@@ -48,11 +48,9 @@ class _RNNCell(_driver.HiddenState):
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
     @staticmethod
-    def chunk(policy, B, n_a, dtype):
-        """Steps per chunk for "gates" and "states" (one program: the states are the
-        residuals): as many as keep a (K, B, n_a) block within 4 MiB, from 32 to 128
-        (experiments/RESULTS.md)."""
-        del policy
+    def chunk(B, n_a, dtype):
+        """Steps per chunk for "gates" and "states": as many as keep a (K, B, n_a)
+        block within 4 MiB, from 32 to 128 (experiments/RESULTS.md)."""
         return _driver.block_chunk(B * n_a, dtype, least=32)
 
     @staticmethod

@@ -96,26 +96,23 @@ def test_unknown_policy_and_bad_chunk():
 
 
 def test_default_chunks():
-    # The RNN's and the GRU's "gates" chunks keep no more than the step's own: as many
-    # steps as keep a (K, B, width) block within 4 MiB (width n_a, 3 n_a), from 32 (RNN)
-    # or 8 (GRU) to 128; the GRU's "states" and the LSTM's default are 8. Then moved to a
-    # divisor of T near it.
+    # The RNN's and GRU's chunks keep no more than the step's own: as many steps as keep
+    # a (K, B, width) block within 4 MiB (width n_a, 3 n_a), from 32 (RNN) or 8 (GRU) to
+    # 128; the LSTM's default is 8. Then moved to a divisor of T near it.
     rnn = importlib.import_module("jaxbptt.rnn").RNN_CELL
     gru = importlib.import_module("jaxbptt.gru").GRU_CELLS
-    for policy in ("gates", "states"):
-        assert rnn.chunk(policy, 32, 128, np.float32) == 128  # 16 KiB a step
-        assert rnn.chunk(policy, 32, 256, np.float64) == 64  # 64 KiB a step
-        assert rnn.chunk(policy, 64, 512, np.float32) == 32  # 128 KiB a step
-        assert rnn.chunk(policy, 256, 1024, np.float32) == 32  # never fewer steps
+    assert rnn.chunk(32, 128, np.float32) == 128  # 16 KiB a step
+    assert rnn.chunk(32, 256, np.float64) == 64  # 64 KiB a step
+    assert rnn.chunk(64, 512, np.float32) == 32  # 128 KiB a step
+    assert rnn.chunk(256, 1024, np.float32) == 32  # never fewer steps
     for variant in ("course", "cudnn"):
-        assert gru[variant].chunk("gates", 32, 128, np.float32) == 85  # 48 KiB a step
-        assert gru[variant].chunk("gates", 64, 512, np.float32) == 10  # 384 KiB a step
-        assert gru[variant].chunk("gates", 64, 1024, np.float32) == 8  # never fewer steps
-        assert gru[variant].chunk("states", 32, 128, np.float32) == 8
+        assert gru[variant].chunk(32, 128, np.float32) == 85  # 48 KiB a step
+        assert gru[variant].chunk(64, 512, np.float32) == 10  # 384 KiB a step
+        assert gru[variant].chunk(64, 1024, np.float32) == 8  # never fewer steps
 
     def default(cell, T, B=32, n_a=128):
         return _driver.chunk_size(T, _driver.Options(
-            default_chunk=_driver.default_chunk(cell, "gates", B, n_a, np.float32)))
+            default_chunk=_driver.default_chunk(cell, B, n_a, np.float32)))
 
     assert [default(rnn, T) for T in (100, 200, 1024, 7)] == [100, 100, 128, 7]
     assert [default(gru["cudnn"], T) for T in (100, 256, 211)] == [100, 64, 85]  # 211: prime
