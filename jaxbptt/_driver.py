@@ -105,15 +105,6 @@ class Saved(NamedTuple):
     starts: Any = None  # (T'/K, ...) the state entering each chunk; with slots, (m+1, ...)
 
 
-def block_chunk(numbers_per_step, dtype, least, most=128, block=4 << 20):
-    """Steps per chunk that keep one of its (K, B, width) blocks within ``block`` bytes
-    (``numbers_per_step`` = B * width), from ``least`` to ``most``: the rule of the
-    cells whose chunks keep no gates but the step's own (RNN, GRU), where what a short
-    chunk costs is its fixed work (the outer loops' ops, products over few rows)."""
-    fit = block // (numbers_per_step * jnp.dtype(dtype).itemsize)
-    return int(min(most, max(least, fit)))
-
-
 def default_chunk(cell, B, n_a, dtype):
     """Steps per chunk for "gates" and "states" when ``chunk=`` is not given: the
     cell's ``chunk(B, n_a, dtype)`` if it has one, else `CHUNK`."""

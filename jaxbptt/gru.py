@@ -124,12 +124,6 @@ class _GRUCell(_driver.Gated, _driver.HiddenState):
     """What both variants share: the input projection and the state update."""
 
     @staticmethod
-    def chunk(B, n_a, dtype):
-        """Steps per chunk for "gates" and "states": as many as keep a (K, B, 3 n_a)
-        block within 4 MiB, from 8 to 128 (experiments/RESULTS.md)."""
-        return _driver.block_chunk(B * 3 * n_a, dtype, least=_driver.CHUNK)
-
-    @staticmethod
     def project(f, xs):
         return _driver.affine(xs, f.Wx, f.b)  # (T, B, 3 n_a): W*x x<t> + b* for all t
 
@@ -274,8 +268,7 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
       residuals: what the forward keeps for ``backward="bptt"``: ``"gates"``,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).
-      chunk: steps per chunk (default: as many as keep K*B*3*n_a numbers within 4 MiB,
-        8 to 128, or a divisor of T near it; sqrt(T) for
+      chunk: steps per chunk (default 8, or a divisor of T near it; sqrt(T) for
         ``"checkpoint"``); with ``"checkpoint"``, a tuple (K1, K2, ...) nests the
         reruns (each size dividing the one before).
       slots: with ``"checkpoint"``, keep at most this many chunk starts at once,

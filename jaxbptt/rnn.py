@@ -44,14 +44,19 @@ def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
         ba=jnp.zeros((n_a,), dtype))
 
 
+_CHUNK_BYTES = 4 << 20  # one (K, B, n_a) block of a chunk, at most (but for K = 32)
+
+
 class _RNNCell(_driver.HiddenState):
     """The RNN for the driver: carry a<t> (B, n_a), no residuals beyond the states."""
 
     @staticmethod
     def chunk(B, n_a, dtype):
-        """Steps per chunk for "gates" and "states": as many as keep a (K, B, n_a)
-        block within 4 MiB, from 32 to 128 (experiments/RESULTS.md)."""
-        return _driver.block_chunk(B * n_a, dtype, least=32)
+        """Steps per chunk for "gates" and "states": a chunk keeps no gates, so its
+        fixed cost (the outer loops' ops, the products over K B rows) is what short
+        chunks pay. As many steps as keep a (K, B, n_a) block within 4 MiB, from 32
+        to 128 (experiments/RESULTS.md: longer blocks are mapped afresh each call)."""
+        return int(min(128, max(32, _CHUNK_BYTES // (B * n_a * jnp.dtype(dtype).itemsize))))
 
     @staticmethod
     def fuse(p):

@@ -95,28 +95,19 @@ def test_unknown_policy_and_bad_chunk():
         fn(params, xs, state0, chunk=0)
 
 
-def test_default_chunks():
-    # The RNN's and GRU's chunks keep no more than the step's own: as many steps as keep
-    # a (K, B, width) block within 4 MiB (width n_a, 3 n_a), from 32 (RNN) or 8 (GRU) to
-    # 128; the LSTM's default is 8. Then moved to a divisor of T near it.
+def test_rnn_default_chunk_keeps_a_block_within_4_mib():
+    # The RNN's chunks keep no gates: as many steps as keep a (K, B, n_a) block within
+    # 4 MiB, from 32 to 128, then moved to a divisor of T near it.
     rnn = importlib.import_module("jaxbptt.rnn").RNN_CELL
-    gru = importlib.import_module("jaxbptt.gru").GRU_CELLS
     assert rnn.chunk(32, 128, np.float32) == 128  # 16 KiB a step
     assert rnn.chunk(32, 256, np.float64) == 64  # 64 KiB a step
     assert rnn.chunk(64, 512, np.float32) == 32  # 128 KiB a step
     assert rnn.chunk(256, 1024, np.float32) == 32  # never fewer steps
-    for variant in ("course", "cudnn"):
-        assert gru[variant].chunk(32, 128, np.float32) == 85  # 48 KiB a step
-        assert gru[variant].chunk(64, 512, np.float32) == 10  # 384 KiB a step
-        assert gru[variant].chunk(64, 1024, np.float32) == 8  # never fewer steps
-
-    def default(cell, T, B=32, n_a=128):
-        return _driver.chunk_size(T, _driver.Options(
-            default_chunk=_driver.default_chunk(cell, B, n_a, np.float32)))
-
-    assert [default(rnn, T) for T in (100, 200, 1024, 7)] == [100, 100, 128, 7]
-    assert [default(gru["cudnn"], T) for T in (100, 256, 211)] == [100, 64, 85]  # 211: prime
-    assert default(LSTM_CELL, 100) == 10  # the LSTM's 8, moved to a divisor
+    for T, K in ((100, 100), (200, 100), (1024, 128), (7, 7)):
+        opts = _driver.Options(default_chunk=_driver.default_chunk(rnn, 32, 128, np.float32))
+        assert _driver.chunk_size(T, opts) == K, T
+    opts = _driver.Options(default_chunk=_driver.default_chunk(LSTM_CELL, 32, 128, np.float32))
+    assert _driver.chunk_size(100, opts) == 10  # the LSTM's 8, moved to a divisor
 
 
 def _temp_bytes(fn, params, xs, **kw):
