@@ -4,6 +4,7 @@ Peers: pip install -e ".[bench]" torch==2.13.0   (Flax, Equinox, matplotlib; PyT
 Run:  python experiments/bench_bptt.py            # full run, ~20 min on 2 cores
       python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
       python experiments/bench_bptt.py --resummarize results/bench_bptt.json  # ratios from stored times
+      python experiments/bench_bptt.py --markdown results/bench_bptt.json  # RESULTS.md's tables
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
                --sweep-time-max-T 4096 (1024 skips timing the longest, ~-5 min)  --no-sweep
                --torch-threads N (default: PyTorch's own default, reported)
@@ -324,6 +325,61 @@ def resummarize(path):
     print(f"\nrewrote {path}")
 
 
+def _md(x, spec):
+    return "–" if x is None else f"{x:{spec}}"
+
+
+def _md_paired(r, ref):
+    m, iqr = r.get(f"x_{ref}_paired"), r.get(f"x_{ref}_paired_iqr")
+    return "–" if m is None else f"{m:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f})"
+
+
+def markdown(path):
+    """RESULTS.md's tables, from a stored run: the LSTM's rows, the geometric means of
+    every cell, and the T sweep (memory and time)."""
+    with open(path) as f:
+        data = json.load(f)
+    out = ["**LSTM**", "",
+           "| T, B, n_x, n_a | variant | ms | ×autodiff | ×scan | ×torch | % peak | temp MiB "
+           "| mem ×ad | mem ×scan | faulted MiB | paired ×autodiff | paired ×torch "
+           "| paired ×torch-aten |", "|" + "---|" * 14]
+    last = None
+    for r in data["results"].get("lstm", []):
+        shape = f"{r['T']}, {r['B']}, {r['n_x']}, {r['n_a']}"
+        name = r["variant"] + (" (default)" if r["variant"] == "bptt[gates]" and last is None
+                               else "")
+        out.append("| " + " | ".join([
+            shape if shape != last else "", name, _md(r.get("median_ms"), ".1f"),
+            *(_md(r.get(k), ".2f") for k in ("x_autodiff", "x_scan", "x_torch")),
+            _md(r.get("pct_gemm_peak"), ".0f"), _md(r.get("temp_mib"), ".1f"),
+            _md(r.get("mem_x_autodiff"), ".2f"), _md(r.get("mem_x_scan"), ".2f"),
+            _md(r.get("faulted_mib"), ".1f"),
+            *(_md_paired(r, ref) for ref in ("autodiff", "torch", "torch-aten"))]) + " |")
+        last = shape
+    out += ["", "**Geometric means over the shapes**", "",
+            "| cell | variant | ×autodiff | ×scan | ×torch | paired ×autodiff | paired ×scan "
+            "| paired ×torch | paired ×torch-aten | % GEMM peak | mem ×autodiff | mem ×scan |",
+            "|" + "---|" * 12]
+    for cell, gm in data["geomeans"].items():
+        for name, g in gm.items():
+            out.append(f"| {cell.upper()} | {name} | " + " | ".join(
+                _md(g.get(k), ".0f" if k == "pct_gemm_peak" else ".2f") for k in (
+                    "x_autodiff", "x_scan", "x_torch", "x_autodiff_paired", "x_scan_paired",
+                    "x_torch_paired", "x_torch-aten_paired", "pct_gemm_peak",
+                    "mem_x_autodiff", "mem_x_scan")) + " |")
+    sweep = data.get("sweep", {})
+    rows, Ts = sweep.get("rows", []), sweep.get("T", [])
+    get = {(r["variant"], r["T"]): r for r in rows}
+    for key, label, spec in (("temp_mib", "XLA temp MiB", ".1f"), ("median_ms", "median ms", ".1f")):
+        out += ["", f"| {label} | " + " | ".join(f"T={T}" for T in Ts) + " |",
+                "|" + "---|" * (len(Ts) + 1)]
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            cells = [_md(get.get((name, T), {}).get(key), spec) for T in Ts]
+            if any(c != "–" for c in cells):
+                out.append(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n".join(out))
+
+
 def fmt(x, spec, width):
     return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
@@ -456,12 +512,17 @@ def main():
     p.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads(N) (default: leave PyTorch's default)")
+    p.add_argument("--markdown", metavar="JSON", default=None,
+                   help="print RESULTS.md's tables from a stored run (no timing)")
     p.add_argument("--resummarize", metavar="JSON", default=None,
                    help="recompute the paired ratios and geometric means of a stored run "
                         "from its times, and rewrite it (no timing)")
     args = p.parse_args()
     if args.resummarize:
         resummarize(args.resummarize)
+        return
+    if args.markdown:
+        markdown(args.markdown)
         return
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
