@@ -54,8 +54,9 @@ class _RNNCell(_driver.HiddenState):
     def chunk(B, n_a, dtype):
         """Steps per chunk for "gates" and "states": a chunk keeps no gates, so its
         fixed cost (the outer loops' ops, the products over K B rows) is what short
-        chunks pay. As many steps as keep a (K, B, n_a) block within 4 MiB, from 32
-        to 128 (experiments/RESULTS.md: longer blocks are mapped afresh each call)."""
+        chunks pay, and long ones cost memory (a call's temp memory above 32 MiB is
+        mapped afresh each time). As many steps as keep a (K, B, n_a) block within
+        4 MiB, from 32 to 128 (experiments/RESULTS.md)."""
         return int(min(128, max(32, _CHUNK_BYTES // (B * n_a * jnp.dtype(dtype).itemsize))))
 
     @staticmethod
