@@ -53,6 +53,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -377,7 +378,10 @@ def markdown(path):
             cells = [_md(get.get((name, T), {}).get(key), spec) for T in Ts]
             if any(c != "–" for c in cells):
                 out.append(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n".join(out))
+    try:
+        print("\n".join(out))
+    except BrokenPipeError:  # the reader stopped early (| head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def fmt(x, spec, width):
@@ -393,8 +397,8 @@ def print_table(cell, rows):
     title = f"{cell.upper()}" + (" (cuDNN form)" if cell == "gru" else "")
     head = (f"{'T, B, n_x, n_a':<20}{'variant':<20}{'median ms':>10}{'min ms':>10}"
             f"{'×autodiff':>10}{'×scan':>7}{'×torch':>8}{'% peak':>8}{'temp MiB':>10}"
-            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}{'×ad paired':>18}{'×torch paired':>18}"
-            f"{'×aten paired':>18}")
+            f"{'mem ×ad':>9}{'mem ×scan':>10}{'faulted':>9}{'×ad paired':>20}{'×torch paired':>20}"
+            f"{'×aten paired':>20}")
     print(f"\n{title}: forward + backward, grads for params, xs, initial state\n{head}\n"
           + "-" * len(head))
     last = None
@@ -409,7 +413,7 @@ def print_table(cell, rows):
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
               + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10)
               + fmt(r.get("faulted_mib"), ".1f", 9)
-              + "".join(f"{_paired_text(r, ref):>18}" for ref in ("autodiff", "torch", "torch-aten")))
+              + "".join(f"{_paired_text(r, ref):>20}" for ref in ("autodiff", "torch", "torch-aten")))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -437,10 +441,10 @@ def geomeans(rows):
 
 
 def print_geomeans(cell, gm):
-    print(f"{cell.upper()} geometric mean over the shapes:" + "".join(
-        f"{k:>18}" for k in GEOMEAN_KEYS))
+    print(f"{cell.upper() + ': geometric means over the shapes':<42}" + "".join(
+        f"{k:>21}" for k in GEOMEAN_KEYS))
     for name, g in gm.items():
-        print(f"  {name:<40}" + "".join(fmt(g[k], ".2f", 18) for k in GEOMEAN_KEYS))
+        print(f"  {name:<40}" + "".join(fmt(g[k], ".2f", 21) for k in GEOMEAN_KEYS))
 
 
 def print_sweep(rows, Ts, B, n_x, n_a):
