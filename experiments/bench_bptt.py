@@ -1,8 +1,9 @@
 """Forward + backward time and XLA memory of jaxbptt's BPTT against autodiff, remat and peers.
 
-Peers: pip install -e ".[bench]" torch==2.13.0   (Flax, Equinox, matplotlib; PyTorch pinned)
-Run:  python experiments/bench_bptt.py            # full run, ~20 min on 2 cores
-      python experiments/bench_bptt.py --quick    # ~1 min smoke run (3 runs, small shapes)
+Peers: pip install -e ".[bench]"   (Flax, Equinox, matplotlib) and PyTorch's CPU build,
+      torch==2.13.0 (README, Install)
+Run:  python experiments/bench_bptt.py            # full run, ~12-15 min on 2 cores
+      python experiments/bench_bptt.py --quick    # 1-2 min smoke run (3 runs, small shapes)
       python experiments/bench_bptt.py --resummarize results/bench_bptt.json  # ratios from stored times
       python experiments/bench_bptt.py --markdown results/bench_bptt.json  # RESULTS.md's tables
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
@@ -32,8 +33,7 @@ JAX variants are jax.jit(jax.grad(loss, argnums=(0, 1, 2))), compiled once ahead
 then rounds over the variants of a shape, each round in a new random order (PyTorch gets a
 pause after each call: its spinning OpenMP threads would slow whatever follows); median and min.
 Ratios: of the medians (x_autodiff, x_scan, x_torch), and paired (x_*_paired, also against
-torch-aten): the median over
-the rounds of the two times of the same round, with its quartiles.
+torch-aten): the median over the rounds of the two times of the same round, with its quartiles.
 "faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
 times the page size): a temp buffer above 32 MiB was mapped afresh on every call on the machine
 of RESULTS.md, smaller ones were reused (experiments/cpu_limits.py measures it).
@@ -330,11 +330,6 @@ def _md(x, spec):
     return "–" if x is None else f"{x:{spec}}"
 
 
-def _md_paired(r, ref):
-    m, iqr = r.get(f"x_{ref}_paired"), r.get(f"x_{ref}_paired_iqr")
-    return "–" if m is None else f"{m:.2f} ({iqr[0]:.2f}–{iqr[1]:.2f})"
-
-
 def markdown(path):
     """RESULTS.md's tables, from a stored run: the LSTM's rows, the geometric means of
     every cell, and the T sweep (memory and time)."""
@@ -355,7 +350,8 @@ def markdown(path):
             _md(r.get("pct_gemm_peak"), ".0f"), _md(r.get("temp_mib"), ".1f"),
             _md(r.get("mem_x_autodiff"), ".2f"), _md(r.get("mem_x_scan"), ".2f"),
             _md(r.get("faulted_mib"), ".1f"),
-            *(_md_paired(r, ref) for ref in ("autodiff", "torch", "torch-aten"))]) + " |")
+            *(_paired_text(r, ref, dash="–") for ref in ("autodiff", "torch", "torch-aten"))])
+            + " |")
         last = shape
     out += ["", "**Geometric means over the shapes**", "",
             "| cell | variant | ×autodiff | ×scan | ×torch | paired ×autodiff | paired ×scan "
@@ -388,9 +384,10 @@ def fmt(x, spec, width):
     return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
 
 
-def _paired_text(r, ref):
+def _paired_text(r, ref, dash="-"):
+    """"median (quartile-quartile)" of the paired ratio against ``ref``; ``dash`` if none."""
     m, iqr = r.get(f"x_{ref}_paired"), r.get(f"x_{ref}_paired_iqr")
-    return "-" if m is None else f"{m:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+    return dash if m is None else f"{m:.2f} ({iqr[0]:.2f}{dash}{iqr[1]:.2f})"
 
 
 def print_table(cell, rows):

@@ -586,6 +586,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
                          f"got {residuals!r}")
     xs = _checks.time_major(xs, time_major)
     T, B = _checks.sequence(xs, n_x, dtype)
+    cell_chunk = default_chunk(cell, B, n_a, dtype)
     if not isinstance(residuals, str):  # a budget in bytes: the fastest plan that fits
         if chunk is not None:
             raise ValueError("chunk= cannot be given with a memory budget: the plan chooses it")
@@ -593,8 +594,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         if slots is not None:
             raise ValueError("slots= cannot be given with a memory budget: the plan chooses it")
         residuals, chunk, _, slots = memory.plan(
-            T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals,
-            default_chunk(cell, B, n_a, dtype))
+            T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals, cell_chunk)
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
@@ -612,7 +612,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,
-                   levels, slots, default_chunk(cell, B, n_a, dtype))
+                   levels, slots, cell_chunk)
     if probe is not None:
         _checks.probe(probe, state0, T)
     if backward == "bptt":

@@ -44,7 +44,7 @@ def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
         ba=jnp.zeros((n_a,), dtype))
 
 
-_CHUNK_BYTES = 4 << 20  # one (K, B, n_a) block of a chunk, at most (but for K = 32)
+_CHUNK_BYTES = 4 << 20  # one (K, B, n_a) block of a chunk, at most (unless 32 steps exceed it)
 
 
 class _RNNCell(_driver.HiddenState):
