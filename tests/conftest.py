@@ -1,9 +1,16 @@
 """Test configuration: float64 on, strict rank promotion, backends from jax.devices()."""
 
-import jax
-import pytest
+import os
 
-from jaxbptt.check import devices
+# The suite runs in several processes (pytest-xdist, `-n auto` in pyproject.toml). On a GPU
+# each would otherwise reserve most of its memory at start, and the second would fail.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxbptt.check import devices  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
