@@ -73,19 +73,23 @@ def params(p, spec):
     return n_a, n_x, dtype
 
 
-def sequence(xs, n_x, dtype):
-    """Checks ``xs`` is (T, B, n_x) with T >= 1 and ``dtype``; returns ``(T, B)``."""
+def sequence(xs, n_x, dtype, time_major=True):
+    """Checks ``xs`` is (T, B, n_x) with T >= 1 and ``dtype``; returns ``(T, B)``.
+
+    With ``time_major=False`` xs has been swapped from the caller's (B, T, n_x), and
+    the messages show the shapes as the caller gave them."""
     shape, dt = _shape_dtype("xs", xs)
     if len(shape) != 3:
         raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape {shape}"
                          " (batch a single sequence as xs[:, None])")
     _float("xs", dt)
     T, B, nx = shape
+    given, layout = (shape, "(T, B, {})") if time_major else ((B, T, nx), "(B, T, {})")
     if T < 1:
-        raise ValueError(f"xs must hold at least one time step, got shape {shape}")
+        raise ValueError(f"xs must hold at least one time step, got shape {given}")
     if nx != n_x:
-        raise ValueError(f"xs has shape {shape} but the params expect n_x={n_x} "
-                         f"inputs: xs must be (T, B, {n_x})")
+        raise ValueError(f"xs has shape {given} but the params expect n_x={n_x} "
+                         f"inputs: xs must be {layout.format(n_x)}")
     if dt != dtype:
         raise TypeError(f"xs is {dt} but the params are {dtype}; cast one of them")
     return T, B
@@ -118,8 +122,9 @@ def time_major(xs, is_time_major):
     return jnp.swapaxes(xs, 0, 1)
 
 
-def lengths(x, B):
-    """``None``, or int lengths of shape (B,) (values past T mean T)."""
+def lengths(x, B, T):
+    """``None``, or int lengths of shape (B,), returned clipped to [0, T]: a length
+    past T means T (the padding of the last chunk is never a valid step)."""
     if x is None:
         return None
     if isinstance(x, (list, tuple)):
@@ -129,7 +134,7 @@ def lengths(x, B):
         raise TypeError(f"lengths must be integers, got {dtype}")
     if shape != (B,):
         raise ValueError(f"lengths has shape {shape}, expected (B,) = ({B},) from xs")
-    return x
+    return jnp.clip(x, 0, T)
 
 
 def _static_steps(name, k):

@@ -114,9 +114,13 @@ def default_chunk(cell, B, n_a, dtype):
 
 def chunk_size(T, opts):
     """Steps per chunk: ``opts.chunk``, else the policy's K, moved to a divisor of T
-    within a factor of two when there is one (padded steps would cost a mask per step)."""
+    within a factor of two when there is one (padded steps would cost a mask per step).
+
+    A nest's outer chunk longer than T is cut to the multiple of the next size that
+    holds T (T is then padded, as it is when the chunks do not divide it)."""
     if opts.chunk is not None:
-        return min(opts.chunk, T)
+        K = min(opts.chunk, T)
+        return -(-K // opts.levels[0]) * opts.levels[0] if opts.levels else K
     K = (max(1, round(math.sqrt(T))) if opts.residuals == "checkpoint"
          else min(opts.default_chunk, T))
     near = sorted(range(max(1, K // 2), 2 * K + 1), key=lambda d: (abs(d - K), d))
@@ -585,7 +589,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         raise ValueError(f"residuals must be one of {POLICIES} or a memory budget in bytes, "
                          f"got {residuals!r}")
     xs = _checks.time_major(xs, time_major)
-    T, B = _checks.sequence(xs, n_x, dtype)
+    T, B = _checks.sequence(xs, n_x, dtype, time_major)
     cell_chunk = default_chunk(cell, B, n_a, dtype)
     if not isinstance(residuals, str):  # a budget in bytes: the fastest plan that fits
         if chunk is not None:
@@ -601,14 +605,11 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
                               cell.zero_state(B, n_a, dtype))
     cell.check_state(state0, B, n_a, dtype)
     state0 = _varying_like(state0, xs)  # inside shard_map the carry varies like xs
-    lengths = _checks.lengths(lengths, B)
+    lengths = _checks.lengths(lengths, B, T)
     chunk, levels = _checks.chunk(chunk, residuals), ()
     slots = _checks.slots(slots, residuals, chunk)
     if isinstance(chunk, tuple):
         chunk, levels = chunk[0], chunk[1:]
-        if min(chunk, T) % levels[0]:
-            raise ValueError(f"chunk={(chunk, *levels)!r}: the outer chunk of {min(chunk, T)} "
-                             f"steps (T={T}) is not a multiple of {levels[0]}")
     if backward == "autodiff" and chunk is None:
         chunk = T
     opts = Options(bool(reverse), _checks.truncate(truncate), probe is not None, residuals, chunk,

@@ -31,6 +31,9 @@ def test_xs_rank(cell):
 def test_xs_input_size(cell):
     fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
     _raises(ValueError, ["(4, 2, 7)", "n_x=3"], fn, params, jnp.ones((4, 2, 7)), state0)
+    # batch-major: the message shows the shapes as given, (B, T, n_x)
+    _raises(ValueError, ["(2, 4, 7)", "n_x=3", "(B, T, 3)"], fn, params, jnp.ones((2, 4, 7)),
+            state0, time_major=False)
 
 
 @pytest.mark.parametrize("cell", CELLS)

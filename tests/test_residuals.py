@@ -82,9 +82,19 @@ def test_bad_nested_chunks():
         fn(params, xs, state0, chunk=(4, 2))
     with pytest.raises(ValueError, match="nested chunk sizes must each divide the one before"):
         fn(params, xs, state0, residuals="checkpoint", chunk=(6, 4))
-    with pytest.raises(ValueError, match=r"the outer chunk of 10 steps \(T=10\) is not a "
-                                         r"multiple of 4"):
-        fn(params, xs, state0, residuals="checkpoint", chunk=(12, 4))
+
+
+@pytest.mark.parametrize("T,chunk", [(10, (12, 4)), (7, (8, 4, 2)), (1, (6, 3))])
+def test_nested_outer_chunk_longer_than_T(T, chunk):
+    # The outer chunk becomes the multiple of the next size that holds T (T padded).
+    fn, params, xs, state0 = make("lstm", T, 2, 3, 4)
+    cts = cotangents(fn, params, xs, state0)
+
+    def f(params, xs, state0, **kw):
+        return fn(params, xs, state0, lengths=jnp.asarray([T, T // 2]), **kw)
+    ref = _grads(f, (params, xs, state0), cts, backward="autodiff")
+    got = _grads(f, (params, xs, state0), cts, residuals="checkpoint", chunk=chunk)
+    assert rel_err(got, ref) < 1e-12
 
 
 def test_unknown_policy_and_bad_chunk():

@@ -71,6 +71,23 @@ def test_lengths_match_rows_run_alone(cell, case, reverse):
         assert rel_err(grads, ref_grads) < TOL[np.float64], backward
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_lengths_past_T_mean_T(cell):
+    # With chunks that do not divide T (chunk=5 at T=13; T=37 at the default of the LSTM
+    # and GRU), the last chunk is padded: a length past T must not count the padding.
+    for T, chunk in ((13, 5), (37, None)):
+        fn, params, xs, state0 = make(cell, T, 4, 2, 3)
+        cts = cotangents(fn, params, xs, state0)
+        past, clipped = jnp.asarray([T + 1, T + 9, T, -2]), jnp.asarray([T, T, T, 0])
+        for kw in (dict(), dict(reverse=True, truncate=3)):
+            for backward in ("bptt", "autodiff"):
+                def f(p, x, s, lengths, kw=kw, backward=backward):
+                    return fn(p, x, s, lengths=lengths, chunk=chunk, backward=backward, **kw)
+                got = _vjp(lambda p, x, s: f(p, x, s, past), (params, xs, state0), cts)
+                ref = _vjp(lambda p, x, s: f(p, x, s, clipped), (params, xs, state0), cts)
+                assert rel_err(got, ref) < TOL[np.float64], (T, kw, backward)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("cell", CELLS)
 def test_garbage_padding_never_leaks(cell, reverse):
