@@ -8,7 +8,9 @@ caller's metadata (step, config, RNG key, data position, loss history...).
 Restoring needs a template pytree (a freshly initialised state of the same
 model): arrays are checked against it, so a checkpoint of another model is
 refused with a clear error instead of being loaded wrong. A corrupted or
-truncated checkpoint is skipped with a warning, and the previous one is used.
+truncated checkpoint is skipped with a warning, and the previous one is used; when
+none loads, restoring raises rather than letting a run start afresh. Saving prunes
+only checkpoints older than the one it writes: never that one, never a newer one.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _fsync_dir(path):
 def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     """Writes ``tree`` (a pytree of arrays) and ``meta`` (JSON-able) as ``ckpt-<step>``.
 
-    Keeps the newest ``keep`` checkpoints. Returns the checkpoint's path.
+    Then deletes the checkpoints of earlier steps but the newest ``keep - 1`` of them
+    (``keep=0``: none); those of later steps are left alone. Returns the path.
     """
     os.makedirs(directory, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -79,17 +82,23 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(directory)[:-keep] if keep else []:
+    earlier = [p for p in list_checkpoints(directory) if _step(p) < step]
+    for old in earlier[:len(earlier) - (keep - 1)] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _step(path):
+    return int(os.path.basename(path)[len(PREFIX):])
+
+
 def list_checkpoints(directory):
-    """Checkpoint directories, oldest first."""
+    """Checkpoint directories, oldest first (other entries are ignored)."""
     if not os.path.isdir(directory):
         return []
     names = sorted(n for n in os.listdir(directory)
-                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()
+                   and os.path.isdir(os.path.join(directory, n)))
     return [os.path.join(directory, n) for n in names]
 
 
@@ -117,17 +126,25 @@ def _read(path, template, validate):
 
 
 def restore_latest(directory, template, validate=None):
-    """``(tree, manifest)`` of the newest checkpoint that loads, or ``None`` if none.
+    """``(tree, manifest)`` of the newest checkpoint that loads, or ``None`` if there
+    is no checkpoint.
 
-    Unreadable checkpoints (truncated, corrupted) are skipped with a warning;
-    one written for another model raises `CheckpointError`, as does
-    ``validate(meta)`` (called on each manifest's metadata) when it objects.
+    Unreadable checkpoints (truncated, corrupted) are skipped with a warning; when
+    there are checkpoints but none of them loads, `CheckpointError` is raised (a run
+    must not start afresh over them). One written for another model raises
+    `CheckpointError`, as does ``validate(meta)`` (called on each manifest's
+    metadata) when it objects.
     """
-    for path in reversed(list_checkpoints(directory)):
+    paths = list_checkpoints(directory)
+    for path in reversed(paths):
         try:
             return _read(path, template, validate)
         except CheckpointError:
             raise
-        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+    if paths:
+        raise CheckpointError(
+            f"none of the {len(paths)} checkpoints in {directory} can be read (see the "
+            "warnings above); they are left as they are: move them away to start afresh")
     return None

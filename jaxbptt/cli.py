@@ -69,14 +69,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _at_least(low):
+    """An argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            message = f"expected an integer >= {low}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
 
 
 def _positive_float(text):
@@ -84,8 +88,8 @@ def _positive_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
 
 
@@ -102,11 +106,10 @@ def _writable_dir(parser, path):
 def _train(args) -> int:
     from jaxbptt import checkpoint, tasks, train
 
-    if args.task == "charlm":
-        try:
-            tasks.names_corpus()
-        except RuntimeError as e:
-            args.parser.error(str(e))
+    try:
+        tasks.get(args.task, args.T)  # the task's own checks, before --out is made
+    except (RuntimeError, ValueError) as e:
+        args.parser.error(str(e).replace("T=", "--T ", 1))
     out = _writable_dir(args.parser, args.out or os.path.join("runs", f"{args.task}-{args.cell}"))
     config = train.Config(
         task=args.task, cell=args.cell, hidden=args.hidden, T=args.T, steps=args.steps,
@@ -117,7 +120,14 @@ def _train(args) -> int:
         summary = train.train(config, out, progress=not args.quiet)
     except (checkpoint.CheckpointError, ValueError) as e:
         args.parser.error(str(e))
+    except FloatingPointError as e:
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['stopped_at']} of {config.steps}; saved "
+              f"{ckpts[-1]}. Run the same command to resume.", file=sys.stderr)
+        return 130
     if summary.get("samples"):
         print("sampled names: " + ", ".join(summary["samples"]))
     if summary["resumed_from"] >= config.steps:
@@ -145,16 +155,26 @@ def _sample(args) -> int:
     if not ckpts:
         args.parser.error(f"no checkpoint in {args.out}/checkpoints: train one with "
                           f"'jaxbptt train charlm --out {args.out}'")
-    with open(os.path.join(ckpts[-1], "manifest.json")) as f:
-        saved = json.load(f)["meta"]["config"]
-    config = train.Config(**saved)
-    if config.task != "charlm":
-        args.parser.error(f"sample needs a charlm run; {args.out} holds a {config.task} run")
-    found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"),
-                                      train.init(config, tasks.get("charlm")))
-    if found is None:
-        args.parser.error(f"no readable checkpoint in {args.out}/checkpoints")
+    saved = None
+    for path in reversed(ckpts):  # the run's config, from the newest manifest that reads
+        try:
+            with open(os.path.join(path, "manifest.json")) as f:
+                saved = train.Config(**json.load(f)["meta"]["config"])
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if saved is not None and saved.task != "charlm":
+        args.parser.error(f"sample needs a charlm run; {args.out} holds a {saved.task} run")
+    try:
+        if saved is None:
+            raise checkpoint.CheckpointError(
+                f"none of the {len(ckpts)} checkpoints in {args.out}/checkpoints can be read")
+        found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"),
+                                          train.init(saved, tasks.get("charlm")))
+    except checkpoint.CheckpointError as e:
+        args.parser.error(str(e))
     (params, _), manifest = found
+    config = saved
     names = train.sample_names(config, params, jax.random.PRNGKey(args.seed), n=args.n,
                                max_len=args.max_len)
     print("\n".join(names))
@@ -187,7 +207,8 @@ def _gradflow(args) -> int:
     with open(files[0], "w") as f:
         json.dump(result, f)
     try:
-        files.append(gradflow.plot_at_init(init, os.path.join(out, "gradflow_init.png"), args.T))
+        files.append(gradflow.plot_at_init(init, os.path.join(out, "gradflow_init.png"), args.T,
+                                           args.backward))
         if maps:
             files.append(gradflow.plot_training(maps, os.path.join(out, "gradflow_training.png"),
                                                 args.train_T))
@@ -233,7 +254,8 @@ def _parser() -> argparse.ArgumentParser:
         "(where supported) and float32. Exits 1 on a mismatch.", formatter_class=fmt)
     p.add_argument("--cell", action="append", choices=sorted({c for c, _ in check.CELLS}),
                    help="check only this cell (repeatable; default: every cell)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the test problems")
+    p.add_argument("--seed", type=_at_least(0), default=0,
+                   help="random seed of the test problems")
     p.add_argument("--verbose", action="store_true", help="also list every gradient's error")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=_check, parser=p)
@@ -242,15 +264,17 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="train a recurrent model on a task (resumes a run in --out)",
         description="Train on a task with a jit-compiled optax step. Checkpoints go to "
         "OUT/checkpoints every --save-every steps and at the end; pointing --out at an "
-        "existing run resumes it from its last good checkpoint. Writes OUT/history.json and "
-        "OUT/loss.png.", formatter_class=fmt)
+        "existing run resumes it from its last good checkpoint (--steps, --save-every, "
+        "--sample-every and --devices may change; the other settings define the run). Ctrl-C "
+        "saves the current step and stops. Writes OUT/history.json and OUT/loss.png.",
+        formatter_class=fmt)
     p.add_argument("task", choices=tasks.TASKS, help="charlm: names, character by character "
                    "(the course's Dinosaurus model); adding; copy (copy-memory)")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="total training steps")
+    p.add_argument("--steps", type=_at_least(1), default=2000, help="total training steps")
     p.add_argument("--out", help="run directory (default: runs/TASK-CELL)")
     p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="rnn", help="recurrent cell")
-    p.add_argument("--hidden", type=_positive_int, default=50, help="hidden size n_a")
-    p.add_argument("--batch", type=_positive_int, default=32, help="sequences per step")
+    p.add_argument("--hidden", type=_at_least(1), default=50, help="hidden size n_a")
+    p.add_argument("--batch", type=_at_least(1), default=32, help="sequences per step")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optax optimizer")
     p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
     p.add_argument("--clip", choices=("value", "norm", "none"), default="value",
@@ -259,14 +283,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="the bound of --clip value or norm")
     p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
                    help="hand-derived BPTT or jax autodiff of the same forward")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--T", type=int, default=0,
+    p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
+    p.add_argument("--T", type=_at_least(0), default=0,
                    help="sequence length of adding / delay of copy (0: task default 50 / 20)")
-    p.add_argument("--save-every", type=_positive_int, default=500,
+    p.add_argument("--save-every", type=_at_least(1), default=500,
                    help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, default=500,
+    p.add_argument("--sample-every", type=_at_least(0), default=500,
                    help="print sampled names every N steps (charlm; 0: never)")
-    p.add_argument("--devices", type=_positive_int, default=1,
+    p.add_argument("--devices", type=_at_least(1), default=1,
                    help="data parallel over this many devices (batch split, params replicated; "
                    "on a CPU simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -276,9 +300,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Sample names, character by character, from the last "
                        "checkpoint of a 'jaxbptt train charlm' run.", formatter_class=fmt)
     p.add_argument("--out", required=True, help="the run directory of 'jaxbptt train charlm'")
-    p.add_argument("--n", type=_positive_int, default=10, help="how many names")
-    p.add_argument("--max-len", type=_positive_int, default=20, help="longest name")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--n", type=_at_least(1), default=10, help="how many names")
+    p.add_argument("--max-len", type=_at_least(1), default=20, help="longest name")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     p.set_defaults(run=_sample, parser=p)
 
     p = sub.add_parser(
@@ -288,13 +312,13 @@ def _parser() -> argparse.ArgumentParser:
         "initialisation, and while training each cell on the adding task. Writes "
         "OUT/gradflow_init.png, OUT/gradflow_training.png and OUT/gradflow.json.",
         formatter_class=fmt)
-    p.add_argument("--T", type=_positive_int, default=100, help="sequence length at init")
-    p.add_argument("--steps", type=int, default=240,
+    p.add_argument("--T", type=_at_least(2), default=100, help="sequence length at init")
+    p.add_argument("--steps", type=_at_least(0), default=240,
                    help="training steps for the heat map (0: skip training)")
-    p.add_argument("--train-T", type=_positive_int, default=50, help="adding-task length")
+    p.add_argument("--train-T", type=_at_least(2), default=50, help="adding-task length")
     p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
                    help="hand-derived BPTT or jax autodiff of the same forward")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     p.add_argument("--out", default=os.path.join("runs", "gradflow"), help="output directory")
     p.set_defaults(run=_gradflow, parser=p)
     return parser
@@ -307,7 +331,11 @@ def _one_line(message, category, filename, lineno, line=None):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = _one_line  # a user of the CLI needs the message, not our source line
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"\n{args.parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

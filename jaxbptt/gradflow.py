@@ -129,7 +129,7 @@ def during_training(cell, T=50, steps=300, every=25, hidden=32, batch=32, seed=0
     return np.asarray(recorded), np.stack(rows), np.asarray(losses)
 
 
-def plot_at_init(results, path, T):
+def plot_at_init(results, path, T, backward="bptt"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +142,7 @@ def plot_at_init(results, path, T):
         ax.semilogy(lag, np.maximum(norms, 1e-300), lw=2, label=name)
     ax.set(xlabel="lag T − t (steps back from the loss)",
            ylabel="mean ‖∂L_T / ∂a⟨t⟩‖ (log scale)",
-           title=f"Gradient flow at initialisation (T={T}, backward=bptt, probe adjoints)")
+           title=f"Gradient flow at initialisation (T={T}, backward={backward}, probe adjoints)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

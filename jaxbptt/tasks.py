@@ -119,7 +119,14 @@ def _copy(delay, seed, step, batch_size):
 
 
 def get(name: str, T: int = 0) -> Task:
-    """The task called ``name``; ``T`` sets the length of ``adding`` and the delay of ``copy``."""
+    """The task called ``name``; ``T`` sets the length of ``adding`` (at least 2) and the
+    delay of ``copy`` (at least 1); 0 means the task's default."""
+    if T < 0 or (name == "adding" and T == 1):
+        raise ValueError(f"T={T}: the adding task needs T >= 2 and the copy task a delay "
+                         "T >= 1 (0: the task's default)")
+    if name == "charlm" and T:
+        raise ValueError(f"T={T}: charlm's sequences are the names themselves, T does not "
+                         "apply to it")
     if name == "charlm":
         T_names = max(len(n) for n in names_corpus()) + 1
         vocab = len(VOCAB)

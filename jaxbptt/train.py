@@ -4,15 +4,20 @@
 ``config.save_every`` steps and at the end (`jaxbptt.checkpoint`); pointed at a
 directory holding a run, it resumes from the last good checkpoint, and ends with
 the same parameters as a run that was never interrupted (batches are drawn from
-``(seed, step)``, the step is deterministic).
+``(seed, step)``, the step is deterministic). Ctrl-C finishes the current step,
+saves it and stops; a loss that is not finite stops the run before it is saved,
+so the checkpoints keep the parameters from before it diverged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -177,6 +182,35 @@ class Progress:
             self.stream.write("\n")
         self.stream.flush()
 
+    def clear(self):
+        """Erases the bar's line on a terminal, before other output (it is redrawn)."""
+        if self.tty and 0 <= self.last and self.n < self.total:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.last = -1.0
+
+
+class _Interrupts:
+    """Within it, a first Ctrl-C (SIGINT) only sets ``requested``: the run finishes its
+    step, saves and stops. A second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\ninterrupted: finishing this step and saving it "
+                         "(Ctrl-C again to stop at once)\n")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
 
 def _compatible(saved: dict, config: Config):
     diffs = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in dataclasses.asdict(config).items()
@@ -210,42 +244,73 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     key = jax.random.PRNGKey(config.seed)
     k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
 
+    def diverged(what):  # raised before anything non-finite is saved
+        return FloatingPointError(
+            f"{what}: training diverged. The checkpoints up to step {saved_at} are kept; "
+            "lower --lr or clip the gradients (--clip, --clip-value)")
+
     def save(step):
+        if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)):
+            raise diverged(f"the parameters are not finite after step {step}")
         meta = {"config": dataclasses.asdict(config), "history": history,
                 "data_position": step * config.batch, "task_seed": config.seed,
                 "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
         checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
 
     bar = Progress(config.steps, start, f"train {config.task} {config.cell}") if progress else None
-    pending = []
+
+    def say(message):
+        if bar is not None:
+            bar.clear()
+        log(message)
+
+    def flush(done, pending):  # the losses of the steps up to ``done``
+        losses = [float(x) for x in pending]
+        bad = next((i for i, x in enumerate(losses) if not math.isfinite(x)), None)
+        if bad is not None:
+            raise diverged(f"the loss is {losses[bad]} at step {done - len(losses) + bad + 1}")
+        history.extend(losses)
+
+    pending, saved_at, done = [], start, start
     t0 = time.perf_counter()
-    for step in range(start, config.steps):
-        batch = put_batch(task.batch(config.seed, step, config.batch))
-        params, opt_state, loss = step_fn(params, opt_state, batch)
-        pending.append(loss)
-        done = step + 1
-        if done % config.save_every == 0 or done == config.steps or bar is not None and (
-                done % 50 == 0):
-            history.extend(float(x) for x in pending)
-            pending = []
-            if bar is not None:
-                bar.update(done, f"loss {history[-1]:.4f}")
-        if done % config.save_every == 0 or done == config.steps:
-            save(done)
-        if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
-            log(f"step {done}: " + ", ".join(sample_names(config, params, jax.random.fold_in(k_during, done))))
+    with _Interrupts() as interrupt:
+        for step in range(start, config.steps):
+            batch = put_batch(task.batch(config.seed, step, config.batch))
+            params, opt_state, loss = step_fn(params, opt_state, batch)
+            pending.append(loss)
+            done, stop = step + 1, interrupt.requested  # (read once: a later Ctrl-C waits)
+            last = done == config.steps or stop
+            if done % config.save_every == 0 or last or bar is not None and done % 50 == 0:
+                flush(done, pending)
+                pending = []
+                if bar is not None:
+                    bar.update(done, f"loss {history[-1]:.4f}")
+            if done % config.save_every == 0 or last:
+                save(done)
+                saved_at = done
+            if stop:
+                break
+            if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
+                say(f"step {done}: " + ", ".join(
+                    sample_names(config, params, jax.random.fold_in(k_during, done))))
     elapsed = time.perf_counter() - t0
     summary = {"task": config.task, "cell": config.cell, "backward": config.backward,
-               "steps": config.steps, "resumed_from": start,
-               "first_loss": history[0] if history else None,
+               "steps": config.steps, "resumed_from": start, "stopped_at": done,
+               "interrupted": done < config.steps,
+               "first_loss": history[start] if len(history) > start else None,
                "final_loss": float(np.mean(history[-20:])) if history else None,
                "baseline": task.baseline, "seconds": elapsed}
     if config.task == "charlm":
         summary["samples"] = sample_names(config, params, k_final, n=10)
-    with open(os.path.join(out, "history.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "loss": history, "summary": summary}, f)
-    summary["plot"] = plot_history(history, task, config, os.path.join(out, "loss.png"))
     summary["params"], summary["opt_state"] = params, opt_state
+    if done == start:  # nothing trained: the run's files stay as they are
+        summary["plot"] = None
+        return summary
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(config), "loss": history,
+                   "summary": {k: v for k, v in summary.items()
+                               if k not in ("params", "opt_state")}}, f)
+    summary["plot"] = plot_history(history, task, config, os.path.join(out, "loss.png"))
     return summary
 
 

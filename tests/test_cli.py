@@ -102,8 +102,15 @@ def test_gradflow_writes_plots_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "poetry"], "invalid choice: 'poetry'"),
-    (["train", "adding", "--steps", "-5"], "expected a positive integer, got -5"),
-    (["train", "adding", "--steps", "0"], "expected a positive integer, got 0"),
+    (["train", "adding", "--steps", "-5"], "expected an integer >= 1, got -5"),
+    (["train", "adding", "--steps", "0"], "expected an integer >= 1, got 0"),
+    (["train", "adding", "--T", "1"], "--T 1: the adding task needs T >= 2"),
+    (["train", "copy", "--T", "-5"], "expected an integer >= 0, got -5"),
+    (["train", "adding", "--lr", "inf"], "expected a positive finite number, got inf"),
+    (["train", "adding", "--seed", "-1"], "expected an integer >= 0, got -1"),
+    (["train", "adding", "--sample-every", "-1"], "expected an integer >= 0, got -1"),
+    (["gradflow", "--steps", "-3"], "expected an integer >= 0, got -3"),
+    (["gradflow", "--T", "1"], "expected an integer >= 2, got 1"),
     (["train", "adding", "--out", "/proc/version/run"], "is not a writable directory"),
     (["sample", "--out", "/nonexistent-run"], "no checkpoint in /nonexistent-run"),
 ])

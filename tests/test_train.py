@@ -5,6 +5,7 @@ resumes it, and compares the final parameters bit for bit with a run that was
 never interrupted.
 """
 
+import io
 import json
 import os
 import signal
@@ -121,3 +122,89 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         warnings.simplefilter("error")
         s = _train(tmp_path, "run", task="charlm", steps=30)  # same run, more steps: resumes
     assert s["resumed_from"] == 20
+
+
+def _corrupt(path):
+    arrays = os.path.join(path, "arrays.npz")
+    data = open(arrays, "rb").read()
+    with open(arrays, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def test_unreadable_checkpoints_are_kept_not_trained_over(tmp_path):
+    # Checkpoints that exist but none of which loads stop the run (it must not start
+    # afresh over them), and a save never deletes a newer checkpoint, readable or not,
+    # nor anything that is not a checkpoint directory.
+    _train(tmp_path, "run", task="charlm", steps=60)
+    ckpt_dir = str(tmp_path / "run" / "checkpoints")
+    paths = checkpoint.list_checkpoints(ckpt_dir)
+    assert [os.path.basename(p) for p in paths] == [
+        "ckpt-000000020", "ckpt-000000040", "ckpt-000000060"]
+    for p in paths:
+        _corrupt(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(checkpoint.CheckpointError, match="none of the 3 checkpoints"):
+            _train(tmp_path, "run", task="charlm", steps=80)
+    assert checkpoint.list_checkpoints(ckpt_dir) == paths
+    open(os.path.join(ckpt_dir, "ckpt-000000999"), "w").close()  # a stray file, not ours
+    template = train.init(train.Config(**{**SMALL, "task": "charlm"}), tasks.get("charlm"))
+    checkpoint.save(ckpt_dir, 10, template, {"history": []})
+    assert checkpoint.list_checkpoints(ckpt_dir)[1:] == paths  # the newer ones stay
+    assert os.path.exists(os.path.join(ckpt_dir, "ckpt-000000999"))
+
+
+def test_divergence_stops_before_a_non_finite_save(tmp_path):
+    # A learning rate that blows the parameters up: the run stops with an error and
+    # every checkpoint it left holds finite parameters.
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        _train(tmp_path, "run", task="adding", cell="rnn", steps=40, T=10, save_every=1,
+               optimizer="sgd", lr=1e30, clip="none")
+    paths = checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints"))
+    for p in paths:
+        with np.load(os.path.join(p, "arrays.npz")) as z:
+            assert all(np.all(np.isfinite(z[k])) for k in z.files), p
+    assert len(paths) < 40
+
+
+def test_ctrl_c_saves_the_step_and_resumes(tmp_path):
+    # One Ctrl-C once training runs (its first progress line): the step finishes, is
+    # saved, and the CLI says how to resume, exit status 130, no traceback.
+    argv = [a for a in _cli(tmp_path / "run", 100000, "--save-every", "100000") if a != "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()
+    assert first.startswith("train charlm"), first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    err = first + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Run the same command to resume" in err, err
+    step, _ = _final_params(tmp_path / "run")
+    assert 0 < step < 100000 and f"interrupted at step {step} " in err
+    saved = json.load(open(tmp_path / "run" / "history.json"))
+    assert len(saved["loss"]) == step and saved["summary"]["interrupted"]
+    # Resumed, it trains on from that step.
+    done = subprocess.run(_cli(tmp_path / "run", step + 3), check=True, capture_output=True,
+                          text=True)
+    assert f"resuming from step {step}" in done.stdout + done.stderr
+
+
+def test_nothing_to_do_leaves_the_run_as_it_is(tmp_path):
+    _train(tmp_path, "run", task="charlm", steps=20)
+    before = open(tmp_path / "run" / "history.json").read()
+    s = _train(tmp_path, "run", task="charlm", steps=10)  # fewer steps than it holds
+    assert s["resumed_from"] == 20 and s["first_loss"] is None
+    assert open(tmp_path / "run" / "history.json").read() == before
+
+
+def test_progress_bar_is_cleared_before_other_output():
+    # On a terminal the bar is redrawn in place: a line printed meanwhile erases it first.
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = train.Progress(100, 0, "train", stream=stream)
+    bar.update(10, "loss 1.0")
+    bar.clear()
+    assert stream.getvalue().startswith("\rtrain [") and stream.getvalue().endswith("\r\033[K")
