@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
     """A checkpoint exists but cannot be restored into the requested model."""
 
 
+class NoReadableCheckpoint(CheckpointError):
+    """There are checkpoints, and none of them can be read."""
+
+
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,9 +78,12 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        final = os.path.join(directory, f"{PREFIX}{step:09d}")
-        if os.path.exists(final):
+        final = os.path.join(directory, _name(step))
+        if os.path.isdir(final):  # the same step, saved before (or unreadable): replaced
             shutil.rmtree(final)
+        elif os.path.lexists(final):
+            raise CheckpointError(f"{final} is in the way of this run's checkpoint and is not "
+                                  "a checkpoint directory: move it away")
         os.rename(tmp, final)
         _fsync_dir(directory)
     except BaseException:
@@ -88,18 +95,23 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     return final
 
 
+def _name(step):
+    return f"{PREFIX}{step:09d}"
+
+
 def _step(path):
     return int(os.path.basename(path)[len(PREFIX):])
 
 
 def list_checkpoints(directory):
-    """Checkpoint directories, oldest first (other entries are ignored)."""
+    """Checkpoint directories (named as `save` names them), oldest first; other entries
+    are ignored."""
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory)
-                   if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()
-                   and os.path.isdir(os.path.join(directory, n)))
-    return [os.path.join(directory, n) for n in names]
+    paths = [os.path.join(directory, n) for n in os.listdir(directory)
+             if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()
+             and n == _name(int(n[len(PREFIX):]))]
+    return sorted((p for p in paths if os.path.isdir(p)), key=_step)
 
 
 def _read(path, template, validate):
@@ -130,8 +142,8 @@ def restore_latest(directory, template, validate=None):
     is no checkpoint.
 
     Unreadable checkpoints (truncated, corrupted) are skipped with a warning; when
-    there are checkpoints but none of them loads, `CheckpointError` is raised (a run
-    must not start afresh over them). One written for another model raises
+    there are checkpoints but none of them loads, `NoReadableCheckpoint` is raised (a
+    run must not start afresh over them). One written for another model raises
     `CheckpointError`, as does ``validate(meta)`` (called on each manifest's
     metadata) when it objects.
     """
@@ -144,7 +156,7 @@ def restore_latest(directory, template, validate=None):
         except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
     if paths:
-        raise CheckpointError(
+        raise NoReadableCheckpoint(
             f"none of the {len(paths)} checkpoints in {directory} can be read (see the "
-            "warnings above); they are left as they are: move them away to start afresh")
+            "warnings above); they are left as they are")
     return None

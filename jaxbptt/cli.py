@@ -69,16 +69,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _at_least(low):
-    """An argparse type: an integer >= low."""
+def _at_least(low, high=2**31 - 1):
+    """An argparse type: an integer from low to high."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             message = f"expected an integer >= {low}, got {text!r}"
             raise argparse.ArgumentTypeError(message) from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if not low <= value <= high:
+            bound = f">= {low}" if value < low else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value}")
         return value
     return parse
 
@@ -164,7 +165,7 @@ def _sample(args) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     if saved is not None and saved.task != "charlm":
-        args.parser.error(f"sample needs a charlm run; {args.out} holds a {saved.task} run")
+        args.parser.error(f"sample needs a charlm run; {args.out} holds a run of {saved.task}")
     try:
         if saved is None:
             raise checkpoint.CheckpointError(

@@ -201,8 +201,10 @@ class _Interrupts:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # at once (the checkpoints are written atomically)
+            sys.stderr.write("\ninterrupted\n")
+            sys.stderr.flush()
+            os._exit(130)  # (raising here, inside a compile, can crash the runtime)
         self.requested = True
         sys.stderr.write("\ninterrupted: finishing this step and saving it "
                          "(Ctrl-C again to stop at once)\n")
@@ -231,8 +233,11 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     template = init(config, task)
     ckpt_dir = os.path.join(out, "checkpoints")
     put_params, put_batch = placement(config)
-    found = checkpoint.restore_latest(ckpt_dir, template,
-                                      lambda meta: _compatible(meta["config"], config))
+    try:
+        found = checkpoint.restore_latest(ckpt_dir, template,
+                                          lambda meta: _compatible(meta["config"], config))
+    except checkpoint.NoReadableCheckpoint as e:
+        raise checkpoint.NoReadableCheckpoint(f"{e}: move them away to start afresh") from None
     if found is None:
         (params, opt_state), start, history = template, 0, []
     else:
@@ -245,9 +250,10 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
 
     def diverged(what):  # raised before anything non-finite is saved
-        return FloatingPointError(
-            f"{what}: training diverged. The checkpoints up to step {saved_at} are kept; "
-            "lower --lr or clip the gradients (--clip, --clip-value)")
+        kept = (f"The checkpoints up to step {saved_at} are kept" if saved_at
+                else "No checkpoint was saved")
+        return FloatingPointError(f"{what}: training diverged. {kept}; lower --lr or clip the "
+                                  "gradients (--clip, --clip-value)")
 
     def save(step):
         if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)):
@@ -262,7 +268,10 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     def say(message):
         if bar is not None:
             bar.clear()
-        log(message)
+        try:
+            log(message)
+        except BrokenPipeError:  # the reader is gone (Ctrl-C in a pipe): train on, save
+            pass
 
     def flush(done, pending):  # the losses of the steps up to ``done``
         losses = [float(x) for x in pending]
@@ -303,14 +312,16 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
     if config.task == "charlm":
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state
-    if done == start:  # nothing trained: the run's files stay as they are
+    plot_path = os.path.join(out, "loss.png")
+    if done == start and os.path.exists(os.path.join(out, "history.json")) and (
+            os.path.exists(plot_path) or history == []):  # nothing new: the files stay
         summary["plot"] = None
         return summary
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(config), "loss": history,
                    "summary": {k: v for k, v in summary.items()
                                if k not in ("params", "opt_state")}}, f)
-    summary["plot"] = plot_history(history, task, config, os.path.join(out, "loss.png"))
+    summary["plot"] = plot_history(history, task, config, plot_path)
     return summary
 
 

@@ -108,6 +108,7 @@ def test_gradflow_writes_plots_and_json(tmp_path, capsys):
     (["train", "copy", "--T", "-5"], "expected an integer >= 0, got -5"),
     (["train", "adding", "--lr", "inf"], "expected a positive finite number, got inf"),
     (["train", "adding", "--seed", "-1"], "expected an integer >= 0, got -1"),
+    (["sample", "--out", "x", "--seed", str(2**64)], "expected an integer <= 2147483647"),
     (["train", "adding", "--sample-every", "-1"], "expected an integer >= 0, got -1"),
     (["gradflow", "--steps", "-3"], "expected an integer >= 0, got -3"),
     (["gradflow", "--T", "1"], "expected an integer >= 2, got 1"),

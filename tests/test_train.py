@@ -147,11 +147,15 @@ def test_unreadable_checkpoints_are_kept_not_trained_over(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="none of the 3 checkpoints"):
             _train(tmp_path, "run", task="charlm", steps=80)
     assert checkpoint.list_checkpoints(ckpt_dir) == paths
-    open(os.path.join(ckpt_dir, "ckpt-000000999"), "w").close()  # a stray file, not ours
+    open(os.path.join(ckpt_dir, "ckpt-000000999"), "w").close()  # stray entries, not ours
+    os.mkdir(os.path.join(ckpt_dir, "ckpt-5"))
     template = train.init(train.Config(**{**SMALL, "task": "charlm"}), tasks.get("charlm"))
     checkpoint.save(ckpt_dir, 10, template, {"history": []})
     assert checkpoint.list_checkpoints(ckpt_dir)[1:] == paths  # the newer ones stay
-    assert os.path.exists(os.path.join(ckpt_dir, "ckpt-000000999"))
+    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint directory"):
+        checkpoint.save(ckpt_dir, 999, template, {"history": []})
+    assert os.path.isfile(os.path.join(ckpt_dir, "ckpt-000000999"))
+    assert os.path.isdir(os.path.join(ckpt_dir, "ckpt-5"))
 
 
 def test_divergence_stops_before_a_non_finite_save(tmp_path):
@@ -195,6 +199,9 @@ def test_nothing_to_do_leaves_the_run_as_it_is(tmp_path):
     s = _train(tmp_path, "run", task="charlm", steps=10)  # fewer steps than it holds
     assert s["resumed_from"] == 20 and s["first_loss"] is None
     assert open(tmp_path / "run" / "history.json").read() == before
+    os.remove(tmp_path / "run" / "history.json")  # as when killed after the last save
+    _train(tmp_path, "run", task="charlm", steps=20)
+    assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == json.loads(before)["loss"]
 
 
 def test_progress_bar_is_cleared_before_other_output():
