@@ -242,6 +242,20 @@ def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def _batched_like(zeros, deps):
+    """``zeros`` unchanged, but batched under ``vmap`` whenever anything in ``deps`` is.
+
+    An accumulator typed unreduced must enter ``lax.scan`` batched if its updates
+    will be: JAX cannot broadcast an unreduced value over a vmapped axis (jax 0.10
+    raises "Using pspec[...] is dangerous"), which the scan would otherwise do to it.
+    Each leaf of ``deps`` is selected away by a constant predicate (no arithmetic,
+    so inf or NaN in them cannot leak in), which XLA folds out of the program.
+    """
+    tie = sum(jnp.where(False, jnp.sum(x).astype(jnp.float32), 0.0)
+              for x in jax.tree.leaves(deps))  # a zero, batched like the deps
+    return jax.tree.map(lambda z: z + tie.astype(z.dtype), zeros)
+
+
 class _Layout(NamedTuple):
     """Time cut into n chunks of K steps; T' = n K >= T, the steps past T padding."""
 
@@ -536,6 +550,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     df = _varying_like(_zeros(f), xs)
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
+        df = _batched_like(df, (f, xs, dhs, dcarry_T, carry0, lengths, saved, probe))
         df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
     body, init, per_chunk = chunk_body, (dcarry_T, df), starts
     if plan is not None:  # the starts come from the slots: the scan runs over chunk numbers

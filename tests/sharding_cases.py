@@ -423,6 +423,15 @@ def vmap_sweeps(mesh, names):
                                P("model" if mesh.size == 8 else None, None, "batch", None), 4),
             **hlo_summary(compiled, 4),
         })
+        # And on jax.make_mesh's mesh (Explicit axes: the dW accumulator typed unreduced).
+        explicit = jax.make_mesh((mesh.size,), ("batch",))
+        row["explicit_error"] = row["explicit_rel_err"] = None
+        try:
+            sp = put(stacked, jax.tree.map(lambda _: P(), stacked), explicit)
+            sd = put(data, (BATCH, pb.state_spec, BATCH, pb.final_spec), explicit)
+            row["explicit_rel_err"] = rel_err(sweep(sp, *sd), loop)
+        except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+            row["explicit_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         rows.append(row)
     return rows
 

@@ -197,3 +197,11 @@ def test_vmap_sweep_with_sharded_batch(report):
         if report["devices"] == 8:  # the ensemble stays split: 8 / 2 members per reduction
             assert all(s[0] == 4 for s in r["all_reduce_shapes"]), (r["model"],
                                                                     r["collectives"])
+
+
+def test_vmap_sweep_on_an_explicit_mesh(report):
+    # The sweep with the batch sharded on jax.make_mesh's mesh (Explicit axes), where the
+    # hand-derived dW accumulator is typed unreduced and must enter its scan batched.
+    for r in report["vmap"]:
+        assert r["explicit_error"] is None, (r["model"], r["explicit_error"])
+        assert r["explicit_rel_err"] < TOL, (r["model"], r["explicit_rel_err"])
