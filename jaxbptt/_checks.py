@@ -23,6 +23,13 @@ def _float(where, dtype):
         raise TypeError(f"{where} must have a floating dtype, got {dtype}")
 
 
+def params_type(p, cls, make):
+    """``p`` must be a ``cls`` (the NamedTuple a sequence function takes)."""
+    if not isinstance(p, cls):
+        raise TypeError(f"params must be {cls.__name__} (e.g. from {make}), got "
+                        f"{type(p).__name__}")
+
+
 def params(p, spec):
     """Checks the NamedTuple ``p`` against ``spec`` and returns ``(n_a, n_x, dtype)``.
 
@@ -180,7 +187,10 @@ def slots(m, residuals, chunk):
 def probe(p, state0, T):
     """A probe is shaped like the states stacked over time: (T,) + each state's shape."""
     want = jax.tree.map(lambda s: (T,) + tuple(s.shape), state0)
-    got = jax.tree.map(lambda x: tuple(x.shape), p)
+    got = jax.tree.map(lambda x: _shape_dtype("probe", x)[0], p)
     if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:
         raise ValueError(f"probe must be shaped like the states over time, {want}, got {got}")
+    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves((p, state0))}
+    if len(dtypes) > 1:
+        raise TypeError(f"probe must have the states' dtype, got {sorted(dtypes)}")
 

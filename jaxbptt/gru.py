@@ -277,6 +277,7 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
     """
+    _checks.params_type(params, GRUParams, "jb.init_gru")
     variant = gru_variant(params, variant)
     n_a, n_x, dtype = _checks.params(params, _spec(variant))
     return _driver.run(GRU_CELLS[variant], params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,

@@ -202,6 +202,7 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
       ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
       `LSTMState`. Gradients flow to params, xs, a0 and c0.
     """
+    _checks.params_type(params, LSTMParams, "jb.init_lstm")
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(LSTM_CELL, params, xs, state0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,

@@ -110,7 +110,7 @@ def _slot_plans(T, fp, budget):
     plans = []
     for K in range(_SHORTEST_CHUNK, min(T, _MAX_SLOT_CHUNK) + 1):
         n = -(-T // K)
-        m = (budget - plan_bytes("checkpoint", K, T, fp, slots=0)) // fp.s
+        m = (budget - plan_bytes("checkpoint", K, T, fp, slots=0)) // max(fp.s, 1)
         if 1 <= m < n:
             plans.append(Plan("checkpoint", K, plan_bytes("checkpoint", K, T, fp, m), m))
     return plans

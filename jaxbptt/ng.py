@@ -34,17 +34,64 @@ def _col(b):
     return b[:, None]
 
 
+def _cols(name, x, shape, dtype, dims):
+    """Checks a course-layout array: ``shape`` (None: any size) and ``dtype``."""
+    got, dt = _checks._shape_dtype(name, x)
+    if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+        want = ", ".join(f"{d}={w}" if w is not None else d for d, w in zip(dims, shape))
+        raise ValueError(f"{name} has shape {got}, expected ({want})")
+    if dt != dtype:
+        raise TypeError(f"{name} is {dt} but the parameters are {dtype}; cast one of them")
+
+
+def _bias(parameters, key):
+    b = parameters[key]
+    n = _checks._shape_dtype(key, b)[0]
+    if len(n) != 2 or n[1] != 1:
+        raise ValueError(f"parameters['{key}'] has shape {n}, expected a column (n, 1)")
+    return b[:, 0]
+
+
 def _rnn_params(parameters):
-    p = RNNParams(parameters["Wax"], parameters["Waa"], parameters["ba"][:, 0])
+    p = RNNParams(parameters["Wax"], parameters["Waa"], _bias(parameters, "ba"))
     _checks.params(p, _RNN_SPEC)
     return p
 
 
 def _lstm_params(parameters):
-    p = LSTMParams(*(parameters[k + g] for g in _LSTM_GATES for k in "Wb"))
-    p = p._replace(**{"b" + g: getattr(p, "b" + g)[:, 0] for g in _LSTM_GATES})
+    p = LSTMParams(*(parameters[k + g] if k == "W" else _bias(parameters, k + g)
+                     for g in _LSTM_GATES for k in "Wb"))
     _checks.params(p, _LSTM_SPEC)
     return p
+
+
+def _inputs(x, a0, parameters, W, n_x, c0=None):
+    """Checks x (n_x, m, T_x), a0 (and c0) (n_a, m) and the output layer W (n_y, n_a),
+    by (n_y, 1) against the cell's parameters (n_a, n_x, dtype read from ``W`` first)."""
+    dtype, n_a = parameters[W].dtype, parameters[W].shape[0]
+    _cols("x", x, (n_x, None, None), dtype, ("n_x", "m", "T_x"))
+    if x.shape[2] < 1:
+        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
+    m = x.shape[1]
+    for name, s in (("a0", a0), ("c0", c0)):
+        if s is not None:
+            _cols(name, s, (n_a, m), dtype, ("n_a", "m"))
+    out = "Wya" if "Wya" in parameters else "Wy"
+    _cols(f"parameters['{out}']", parameters[out], (None, n_a), dtype, ("n_y", "n_a"))
+    n_y = parameters[out].shape[0]
+    _cols("parameters['by']", parameters["by"], (n_y, 1), dtype, ("n_y", "1"))
+
+
+def _cotangent(name, d, like, T_max=None):
+    """Checks an upstream gradient shaped like ``like`` (n_a, m), or (n_a, m, T) with
+    1 <= T <= T_max when ``T_max`` is given (T_x is read from it, as in the course)."""
+    n_a, m = like.shape
+    if T_max is None:
+        return _cols(name, d, (n_a, m), like.dtype, ("n_a", "m"))
+    _cols(name, d, (n_a, m, None), like.dtype, ("n_a", "m", "T_x"))
+    if not 1 <= d.shape[2] <= T_max:
+        raise ValueError(f"{name} has shape {tuple(d.shape)}: T_x must be from 1 to the "
+                         f"{T_max} steps of the caches")
 
 
 def _one_chunk(T):
@@ -77,7 +124,7 @@ def rnn_forward(x, a0, parameters):
     ``(list of the T_x step caches, x)``.
     """
     p = _rnn_params(parameters)
-    _checks.sequence(_time_major(x), p.Wax.shape[1], p.Wax.dtype)
+    _inputs(x, a0, parameters, "Wax", p.Wax.shape[1])
     hs, _, _ = _driver.forward(RNN_CELL, p, _time_major(x), a0.T, keep_residuals=False)
     a = _time_major(hs)
     y_pred = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wya"], a)
@@ -94,6 +141,7 @@ def rnn_cell_backward(da_next, cache):
     Returns ``{dxt, da_prev, dWax, dWaa, dba}``.
     """
     a_next, a_prev, xt, parameters = cache
+    _cotangent("da_next", da_next, a_next)
     g = rnn_backward(da_next[:, :, None], ([cache], xt[:, :, None]))
     return {"dxt": g["dx"][:, :, 0], "da_prev": g["da0"], "dWax": g["dWax"],
             "dWaa": g["dWaa"], "dba": g["dba"]}
@@ -106,6 +154,7 @@ def rnn_backward(da, caches):
     at every step. Returns ``{dx, da0, dWax, dWaa, dba}``.
     """
     steps, _ = caches
+    _cotangent("da", da, steps[0][0], len(steps))
     T = da.shape[2]
     steps = steps[:T]
     p = _rnn_params(steps[0][3])
@@ -144,7 +193,7 @@ def lstm_forward(x, a0, parameters):
 def _lstm_forward(x, a0, c0, parameters):
     p = _lstm_params(parameters)
     xs = _time_major(x)
-    _checks.sequence(xs, p.Wf.shape[1] - p.Wf.shape[0], p.Wf.dtype)
+    _inputs(x, a0, parameters, "Wf", p.Wf.shape[1] - p.Wf.shape[0], c0)
     state0 = LSTMState(a0.T, c0.T)
     gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2].res
     replay = lambda s, G: (LSTM_CELL.replay(s, G),) * 2  # noqa: E731 (states from the gates)
@@ -165,6 +214,8 @@ def lstm_cell_backward(da_next, dc_next, cache):
 
     Returns ``{dxt, da_prev, dc_prev, dWf, dbf, dWi, dbi, dWc, dbc, dWo, dbo}``.
     """
+    _cotangent("da_next", da_next, cache[0])
+    _cotangent("dc_next", dc_next, cache[1])
     g = _lstm_backward(da_next[:, :, None], dc_next, [cache])
     g["dxt"] = g.pop("dx")[:, :, 0]
     g["da_prev"] = g.pop("da0")
@@ -180,6 +231,7 @@ def lstm_backward(da, caches):
     dbc, dWo, dbo}`` (the course's keys; the core also gives dc0).
     """
     steps, _ = caches
+    _cotangent("da", da, steps[0][0], len(steps))
     g = _lstm_backward(da, jnp.zeros_like(da[:, :, 0]), steps[:da.shape[2]])
     del g["dc0"]
     return g

@@ -59,8 +59,15 @@ def predict(params: OutputParams, hs):
 
 
 def _nll(params, hs, labels):
+    """-log ŷ[label] at every position (0 where the label is outside [0, n_y)), and log ŷ."""
     logp = jax.nn.log_softmax(logits(params, hs), axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp
+    picked = jnp.take_along_axis(logp, jnp.clip(labels, 0, logp.shape[-1] - 1)[..., None],
+                                 axis=-1)[..., 0]
+    return jnp.where(_known(labels, logp.shape[-1]), -picked, 0), logp
+
+
+def _known(labels, n_y):
+    return (labels >= 0) & (labels < n_y)
 
 
 @jax.custom_vjp
@@ -76,7 +83,8 @@ def _xent_fwd(params, hs, labels, weights):
 def _xent_bwd(saved, g):
     params, hs, labels, weights, nll, logp = saved
     y = jax.nn.one_hot(labels, logp.shape[-1], dtype=logp.dtype)
-    dz = (g * weights)[..., None] * (jnp.exp(logp) - y)  # ŷ - y
+    w = jnp.where(_known(labels, logp.shape[-1]), g * weights, 0)  # other labels count for 0
+    dz = w[..., None] * (jnp.exp(logp) - y)  # ŷ - y
     lead = tuple(range(dz.ndim - 1))
     grads = OutputParams(Wya=_driver.contract_rows("...y,...a->ya", dz, hs), by=dz.sum(lead))
     return grads, dz @ params.Wya, None, g * nll
@@ -91,7 +99,8 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
     Args:
       params: an `OutputParams`.
       hs: hidden states (..., n_a), e.g. (T, B, n_a) from `rnn`/`lstm`/`gru`.
-      labels: integer class indices, shape ``hs.shape[:-1]``.
+      labels: integer class indices, shape ``hs.shape[:-1]``; a label outside
+        [0, n_y) (e.g. -1 for padding) counts for nothing, loss and gradient.
       weights: optional per-position weights (e.g. a padding mask), shape
         ``hs.shape[:-1]``, same dtype as hs; divide by ``weights.sum()`` for a mean.
       backward: ``"bptt"`` for the hand-written gradient ŷ - y, ``"autodiff"``

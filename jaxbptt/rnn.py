@@ -57,7 +57,8 @@ class _RNNCell(_driver.HiddenState):
         chunks pay, and long ones cost memory (a call's temp memory above 32 MiB is
         mapped afresh each time). As many steps as keep a (K, B, n_a) block within
         4 MiB, from 32 to 128 (experiments/RESULTS.md)."""
-        return int(min(128, max(32, _CHUNK_BYTES // (B * n_a * jnp.dtype(dtype).itemsize))))
+        block = max(1, B * n_a * jnp.dtype(dtype).itemsize)  # (B = 0: an empty batch runs)
+        return int(min(128, max(32, _CHUNK_BYTES // block)))
 
     @staticmethod
     def fuse(p):
@@ -132,6 +133,7 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
     Returns:
       ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
     """
+    _checks.params_type(params, RNNParams, "jb.init_rnn")
     n_a, n_x, dtype = _checks.params(params, _SPEC)
     return _driver.run(RNN_CELL, params, xs, a0, n_x=n_x, n_a=n_a, dtype=dtype,
                        backward=backward, lengths=lengths, reverse=reverse,

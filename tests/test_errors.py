@@ -112,3 +112,28 @@ def test_params_not_arrays():
     _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
     with pytest.raises(TypeError, match="RNNParams.Wax must be an array"):
         jb.rnn(params._replace(Wax=[[1.0]]), xs, a0)
+
+
+def test_params_of_another_cell():
+    fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
+    rnn_params = make("rnn", 4, 2, 3, 5)[1]
+    _raises(TypeError, ["params must be LSTMParams", "got RNNParams"], jb.lstm, rnn_params, xs)
+    _raises(TypeError, ["params must be GRUParams", "got LSTMParams"], jb.gru, params, xs)
+    _raises(TypeError, ["params must be RNNParams", "got dict"], jb.rnn,
+            dict(rnn_params._asdict()), xs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_probe_dtype(cell):
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    probe = jax.tree.map(lambda s: jnp.zeros((4,) + s.shape, jnp.float32), state0)
+    _raises(TypeError, ["probe must have the states' dtype", "float32", "float64"],
+            lambda p, x, s, pr: fn(p, x, s, probe=pr), params, xs, state0, probe)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_an_empty_batch_runs(cell):
+    fn, params, xs, _ = make(cell, 4, 2, 3, 5)
+    hs, _ = fn(params, xs[:, :0])
+    assert hs.shape == (4, 0, 5)
+    assert jb.residual_plan(params, xs[:, :0], 1 << 20).bytes >= 0

@@ -696,3 +696,37 @@ def test_jit_equals_eager(name, device):
     jitted = jax.jit(f)(*args)
     assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(jitted))
     assert_tree_close(as_tree(jitted), as_tree(eager), rtol=1e-13)
+
+
+# ============================================== 5. bad input names the course's shapes
+
+
+def test_bad_input_is_named_in_the_course_layout():
+    x, a0, p = case_rnn_forward()  # x (3, 10, 4), a0 (5, 10): n_x 3, m 10, n_a 5, n_y 2
+    with pytest.raises(ValueError, match=r"a0 has shape \(5, 1\), expected \(n_a=5, m=10\)"):
+        ng.rnn_forward(x, a0[:, :1], p)
+    with pytest.raises(TypeError, match="a0 is int32 but the parameters are float64"):
+        ng.rnn_forward(x, a0.astype(np.int32), p)
+    with pytest.raises(ValueError, match=r"x has shape \(4, 10, 3\), expected \(n_x=3, m, T_x\)"):
+        ng.rnn_forward(np.transpose(x, (2, 1, 0)), a0, p)
+    with pytest.raises(ValueError, match=r"parameters\['ba'\] has shape \(5,\), expected a column"):
+        ng.rnn_forward(x, a0, {**p, "ba": p["ba"][:, 0]})
+    with pytest.raises(ValueError, match=r"parameters\['by'\] has shape \(2, 10\)"):
+        ng.rnn_forward(x, a0, {**p, "by": np.zeros((2, 10))})
+    with pytest.raises(ValueError, match=r"parameters\['Wya'\] has shape \(5, 2\)"):
+        ng.rnn_forward(x, a0, {**p, "Wya": p["Wya"].T})
+    with pytest.raises(ValueError, match=r"c0 has shape \(10, 5\)"):
+        ng.lstm_cell_forward(*case_lstm_cell_forward()[:2],
+                             case_lstm_cell_forward()[2].T, case_lstm_cell_forward()[3])
+
+
+def test_a_wrong_upstream_gradient_is_refused_not_broadcast():
+    da, caches = case_rnn_backward()  # da (5, 10, 4), caches of 4 steps
+    for bad in (da[:, :1], da[:1], da[:, :, :0], np.concatenate([da, da], axis=2)):
+        with pytest.raises(ValueError, match=r"da has shape .*expected \(n_a=5, m=10, T_x\)"
+                                             r"|T_x must be from 1 to the 4 steps"):
+            ng.rnn_backward(bad, caches)
+    with pytest.raises(ValueError, match=r"da_next has shape \(5, 1\)"):
+        ng.rnn_cell_backward(da[:, :1, 0], caches[0][0])
+    with pytest.raises(ValueError, match=r"da has shape \(1, 10, 4\)"):
+        ng.lstm_backward(da[:1], ng.lstm_forward(*case_lstm_forward())[3])

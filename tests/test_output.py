@@ -74,3 +74,19 @@ def test_bad_labels_and_shapes():
         jb.cross_entropy(out, hs[..., :3], labels)
     with pytest.raises(TypeError, match="one float dtype"):
         jb.cross_entropy(out, hs.astype(jnp.float32), labels)
+
+
+def test_labels_outside_the_classes_count_for_nothing():
+    # -1 (a common padding label) or n_y: no loss and no gradient at that position, in
+    # the hand-written backward as in autodiff, as if its weight were 0.
+    out, hs, labels, weights = _problem()
+    bad = labels.at[0, 0].set(-1).at[2, 1].set(6).at[4, 2].set(100)
+    mask = jnp.ones_like(weights).at[0, 0].set(0).at[2, 1].set(0).at[4, 2].set(0)
+
+    def loss(out, hs, labels, weights, backward):
+        return jb.cross_entropy(out, hs, labels, weights, backward=backward)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    ref = grad(out, hs, labels, weights * mask, "autodiff")
+    for backward in ("bptt", "autodiff"):
+        assert rel_err(grad(out, hs, bad, weights, backward), ref) < 1e-12, backward
