@@ -8,6 +8,7 @@ would run.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -135,8 +136,9 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     (100, 32, 64, 128) with one slot: 3.7 MB of temp memory against 1.6 MB).
     Raises ``ValueError`` when nothing fits.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
         raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
+    budget = int(budget)
     plans = []
     for policy in _driver.POLICIES:
         opts = _driver.Options(residuals=policy, default_chunk=default_chunk)

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbptt.gru import GRUParams, gru
 from jaxbptt.lstm import LSTMParams, LSTMState, lstm
@@ -84,6 +85,9 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
       final states in ``init``'s layout.
     """
     fn, kind, D, n_a = _describe(layers)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)):
+        raise TypeError(f"dropout must be a Python float (a static rate, not traced), got "
+                        f"{type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:

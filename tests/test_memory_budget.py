@@ -137,6 +137,7 @@ def test_too_small_or_bad_budget():
                                          r"\d+ bytes with residuals='checkpoint', chunk=2, "
                                          r"slots=1"):
         fn(params, xs, state0, residuals=100)
+    assert jb.residual_plan(params, xs, np.int64(10**6)) == jb.residual_plan(params, xs, 10**6)
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="a memory budget must be a positive int of bytes"):
             jb.residual_plan(params, xs, bad)

@@ -100,6 +100,8 @@ def test_stack_errors():
         jb.stack((lstm, params("lstm", 4, 4)), xs, jb.LSTMState(*(jnp.zeros((1, 2, 4)),) * 2))
     with pytest.raises(ValueError, match="needs a PRNG key"):
         jb.stack((lstm,), xs, dropout=0.2)
+    with pytest.raises(TypeError, match="dropout must be a Python float .*got DynamicJaxprTracer"):
+        jax.jit(lambda p: jb.stack((lstm,), xs, dropout=p, key=jax.random.PRNGKey(0)))(0.2)
     with pytest.raises(ValueError, match="n_x=3"):  # a layer's input size is checked by the cell
         jb.stack((lstm, params("lstm", 3, 4)), xs)
     with pytest.raises(ValueError, match="slots= needs residuals='checkpoint'"):  # passed on
