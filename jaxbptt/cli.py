@@ -118,7 +118,8 @@ def _train(args) -> int:
         clip_value=args.clip_value, backward=args.backward, seed=args.seed,
         save_every=args.save_every, sample_every=args.sample_every, devices=args.devices)
     try:
-        summary = train.train(config, out, progress=not args.quiet)
+        summary = train.train(config, out, progress=not args.quiet,
+                              exit_on_second_interrupt=True)
     except (checkpoint.CheckpointError, ValueError) as e:
         args.parser.error(str(e))
     except FloatingPointError as e:

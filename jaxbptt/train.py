@@ -192,7 +192,11 @@ class Progress:
 
 class _Interrupts:
     """Within it, a first Ctrl-C (SIGINT) only sets ``requested``: the run finishes its
-    step, saves and stops. A second one interrupts at once."""
+    step, saves and stops. A second one interrupts at once: KeyboardInterrupt, or with
+    ``exit_at_once`` (the command line) the process exits, status 130."""
+
+    def __init__(self, exit_at_once=False):
+        self.exit_at_once = exit_at_once
 
     def __enter__(self):
         self.requested, self._previous = False, None
@@ -201,10 +205,12 @@ class _Interrupts:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # at once (the checkpoints are written atomically)
+        if self.requested and not self.exit_at_once:
+            raise KeyboardInterrupt
+        if self.requested:  # (checkpoints are written atomically: none is left half saved)
             sys.stderr.write("\ninterrupted\n")
             sys.stderr.flush()
-            os._exit(130)  # (raising here, inside a compile, can crash the runtime)
+            os._exit(130)  # (raising inside a compile can crash the runtime)
         self.requested = True
         sys.stderr.write("\ninterrupted: finishing this step and saving it "
                          "(Ctrl-C again to stop at once)\n")
@@ -223,8 +229,13 @@ def _compatible(saved: dict, config: Config):
             + ", ".join(diffs) + "; use another --out or the same settings")
 
 
-def train(config: Config, out: str, *, log=print, progress=True) -> dict:
+def train(config: Config, out: str, *, log=print, progress=True,
+          exit_on_second_interrupt=False) -> dict:
     """Trains (or resumes) the run in ``out``; returns a summary dict.
+
+    A first Ctrl-C saves the current step and returns (``summary["interrupted"]``); a
+    second raises KeyboardInterrupt, or exits the process with
+    ``exit_on_second_interrupt`` (as the command line does).
 
     Writes ``out/checkpoints/ckpt-*``, ``out/history.json`` and, with matplotlib,
     ``out/loss.png``.
@@ -282,7 +293,7 @@ def train(config: Config, out: str, *, log=print, progress=True) -> dict:
 
     pending, saved_at, done = [], start, start
     t0 = time.perf_counter()
-    with _Interrupts() as interrupt:
+    with _Interrupts(exit_on_second_interrupt) as interrupt:
         for step in range(start, config.steps):
             batch = put_batch(task.batch(config.seed, step, config.batch))
             params, opt_state, loss = step_fn(params, opt_state, batch)
