@@ -119,6 +119,8 @@ def _read(path, template, validate):
         manifest = json.load(f)
     if validate is not None:
         validate(manifest["meta"])
+    if callable(template):
+        template = template(manifest["meta"])
     arrays = os.path.join(path, "arrays.npz")
     if _sha256(arrays) != manifest["sha256"]:
         raise OSError("arrays.npz does not match the checksum in manifest.json")
@@ -141,6 +143,8 @@ def restore_latest(directory, template, validate=None):
     """``(tree, manifest)`` of the newest checkpoint that loads, or ``None`` if there
     is no checkpoint.
 
+    ``template`` is the pytree to restore into, or a function giving it from a
+    checkpoint's metadata (for a caller that learns the model from the run itself).
     Unreadable checkpoints (truncated, corrupted) are skipped with a warning; when
     there are checkpoints but none of them loads, `NoReadableCheckpoint` is raised (a
     run must not start afresh over them). One written for another model raises

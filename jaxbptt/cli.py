@@ -147,8 +147,6 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    import json
-
     import jax
 
     from jaxbptt import checkpoint, tasks, train
@@ -157,26 +155,20 @@ def _sample(args) -> int:
     if not ckpts:
         args.parser.error(f"no checkpoint in {args.out}/checkpoints: train one with "
                           f"'jaxbptt train charlm --out {args.out}'")
-    saved = None
-    for path in reversed(ckpts):  # the run's config, from the newest manifest that reads
-        try:
-            with open(os.path.join(path, "manifest.json")) as f:
-                saved = train.Config(**json.load(f)["meta"]["config"])
-            break
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    if saved is not None and saved.task != "charlm":
-        args.parser.error(f"sample needs a charlm run; {args.out} holds a run of {saved.task}")
-    try:
-        if saved is None:
+
+    def charlm(meta):  # the run's own model, from its checkpoint
+        config = train.Config(**meta["config"])
+        if config.task != "charlm":
             raise checkpoint.CheckpointError(
-                f"none of the {len(ckpts)} checkpoints in {args.out}/checkpoints can be read")
-        found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"),
-                                          train.init(saved, tasks.get("charlm")))
+                f"sample needs a charlm run; {args.out} holds a run of {config.task}")
+        return train.init(config, tasks.get("charlm"))
+
+    try:
+        found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"), charlm)
     except checkpoint.CheckpointError as e:
         args.parser.error(str(e))
     (params, _), manifest = found
-    config = saved
+    config = train.Config(**manifest["meta"]["config"])
     names = train.sample_names(config, params, jax.random.PRNGKey(args.seed), n=args.n,
                                max_len=args.max_len)
     print("\n".join(names))
