@@ -7,12 +7,14 @@ XLA sees anything: a clear ``ValueError`` (shapes, ranks) or ``TypeError``
 
 from __future__ import annotations
 
+import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def _shape_dtype(where, x):
+def shape_dtype(where, x):
+    """``(shape, dtype)`` of an array, or a TypeError naming ``where``."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(f"{where} must be an array, got {type(x).__name__}")
     return tuple(x.shape), np.dtype(x.dtype)
@@ -34,49 +36,47 @@ def params(p, spec):
     """Checks the NamedTuple ``p`` against ``spec`` and returns ``(n_a, n_x, dtype)``.
 
     ``spec`` maps each field to its dims, each one of ``"n_a"``, ``"n_x"`` or
-    ``"n_a+n_x"``. n_a is read from the first field, n_x from the first field
-    that involves it; every field must then agree, with one float dtype.
+    ``"n_a+n_x"``. n_a and n_x are the sizes most fields agree on (the first field
+    breaks a tie), so that the field that disagrees is the one named; every field
+    must then match them, with one float dtype.
     """
     kind = type(p).__name__
     shapes = {}
     for field, dims in spec.items():
         where = f"{kind}.{field}"
-        shape, dtype = _shape_dtype(where, getattr(p, field))
+        shape, dtype = shape_dtype(where, getattr(p, field))
         if len(shape) != len(dims):
             raise ValueError(
                 f"{where} must have rank {len(dims)} with shape ({', '.join(dims)}), "
                 f"got shape {shape}")
         _float(where, dtype)
         shapes[field] = (shape, dtype)
-    first = next(iter(spec))
-    n_a = shapes[first][0][0]
-    n_x = None
-    for field, dims in spec.items():
-        for size, dim in zip(shapes[field][0], dims):
-            if dim == "n_x":
-                n_x = size
-            elif dim == "n_a+n_x":
-                n_x = size - n_a
-            if n_x is not None:
-                break
-        if n_x is not None:
-            break
+
+    def most_common(votes):  # Counter keeps first-seen order among equal counts
+        return collections.Counter(votes).most_common(1)[0][0] if votes else None
+
+    pairs = [(size, dim) for field, dims in spec.items()
+             for size, dim in zip(shapes[field][0], dims)]
+    n_a = most_common([size for size, dim in pairs if dim == "n_a"])
+    n_x = most_common([size if dim == "n_x" else size - n_a
+                       for size, dim in pairs if dim in ("n_x", "n_a+n_x")])
     if n_x is None or n_x < 1:
         raise ValueError(f"{kind}: cannot read an input size n_x >= 1 from shapes "
                          f"{ {f: s for f, (s, _) in shapes.items()} } with n_a={n_a}")
     sizes = {"n_a": n_a, "n_x": n_x, "n_a+n_x": n_a + n_x}
-    dtype = shapes[first][1]
+    dtype = most_common([dt for _, dt in shapes.values()])
     for field, dims in spec.items():
         shape, dt = shapes[field]
         expected = tuple(sizes[d] for d in dims)
         if shape != expected:
+            others = ", ".join(f"{f} {s}" for f, (s, _) in shapes.items() if f != field)
             raise ValueError(
                 f"{kind}.{field} has shape {shape}, expected {expected} = "
-                f"({', '.join(dims)}) with n_a={n_a} (from {kind}.{first} "
-                f"{shapes[first][0]}) and n_x={n_x}")
+                f"({', '.join(dims)}) with n_a={n_a} and n_x={n_x}, the sizes of the "
+                f"other fields ({others})")
         if dt != dtype:
-            raise TypeError(f"{kind} mixes dtypes: {kind}.{first} is {dtype} but "
-                            f"{kind}.{field} is {dt}")
+            raise TypeError(f"{kind} mixes dtypes: {kind}.{field} is {dt} but the "
+                            f"other fields are {dtype}")
     return n_a, n_x, dtype
 
 
@@ -85,7 +85,7 @@ def sequence(xs, n_x, dtype, time_major=True):
 
     With ``time_major=False`` xs has been swapped from the caller's (B, T, n_x), and
     the messages show the shapes as the caller gave them."""
-    shape, dt = _shape_dtype("xs", xs)
+    shape, dt = shape_dtype("xs", xs)
     if len(shape) != 3:
         raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape {shape}"
                          " (batch a single sequence as xs[:, None])")
@@ -104,7 +104,7 @@ def sequence(xs, n_x, dtype, time_major=True):
 
 def state(where, x, B, n_a, dtype):
     """Checks an initial state ``x`` is (B, n_a) of ``dtype``."""
-    shape, dt = _shape_dtype(where, x)
+    shape, dt = shape_dtype(where, x)
     if shape != (B, n_a):
         raise ValueError(f"{where} has shape {shape}, expected (B, n_a) = ({B}, {n_a}) "
                          f"from xs (T, {B}, n_x) and the params' n_a={n_a}")
@@ -122,7 +122,7 @@ def time_major(xs, is_time_major):
     """xs as (T, B, n_x); batch-major input (B, T, n_x) is swapped."""
     if is_time_major:
         return xs
-    shape, _ = _shape_dtype("xs", xs)
+    shape, _ = shape_dtype("xs", xs)
     if len(shape) != 3:
         raise ValueError(f"xs must have rank 3 with shape (B, T, n_x) when time_major=False, "
                          f"got shape {shape}")
@@ -136,7 +136,7 @@ def lengths(x, B, T):
         return None
     if isinstance(x, (list, tuple)):
         x = jnp.asarray(x)
-    shape, dtype = _shape_dtype("lengths", x)
+    shape, dtype = shape_dtype("lengths", x)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"lengths must be integers, got {dtype}")
     if shape != (B,):
@@ -187,7 +187,7 @@ def slots(m, residuals, chunk):
 def probe(p, state0, T):
     """A probe is shaped like the states stacked over time: (T,) + each state's shape."""
     want = jax.tree.map(lambda s: (T,) + tuple(s.shape), state0)
-    got = jax.tree.map(lambda x: _shape_dtype("probe", x)[0], p)
+    got = jax.tree.map(lambda x: shape_dtype("probe", x)[0], p)
     if jax.tree.structure(p) != jax.tree.structure(state0) or got != want:
         raise ValueError(f"probe must be shaped like the states over time, {want}, got {got}")
     dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves((p, state0))}

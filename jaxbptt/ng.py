@@ -36,7 +36,7 @@ def _col(b):
 
 def _cols(name, x, shape, dtype, dims):
     """Checks a course-layout array: ``shape`` (None: any size) and ``dtype``."""
-    got, dt = _checks._shape_dtype(name, x)
+    got, dt = _checks.shape_dtype(name, x)
     if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
         want = ", ".join(f"{d}={w}" if w is not None else d for d, w in zip(dims, shape))
         raise ValueError(f"{name} has shape {got}, expected ({want})")
@@ -46,7 +46,7 @@ def _cols(name, x, shape, dtype, dims):
 
 def _bias(parameters, key):
     b = parameters[key]
-    n = _checks._shape_dtype(key, b)[0]
+    n = _checks.shape_dtype(key, b)[0]
     if len(n) != 2 or n[1] != 1:
         raise ValueError(f"parameters['{key}'] has shape {n}, expected a column (n, 1)")
     return b[:, 0]

@@ -34,11 +34,13 @@ def init_output(key, n_a, n_y, dtype=jnp.float32) -> OutputParams:
 
 
 def _check(params, hs):
-    shape_w, shape_b = tuple(params.Wya.shape), tuple(params.by.shape)
+    _checks.params_type(params, OutputParams, "jb.init_output")
+    shape_w, _ = _checks.shape_dtype("OutputParams.Wya", params.Wya)
+    shape_b, _ = _checks.shape_dtype("OutputParams.by", params.by)
     if len(shape_w) != 2 or shape_b != shape_w[:1]:
         raise ValueError(f"OutputParams must be Wya (n_y, n_a) and by (n_y,), got "
                          f"Wya {shape_w} and by {shape_b}")
-    if hs.ndim < 1 or hs.shape[-1] != shape_w[1]:
+    if len(_checks.shape_dtype("hs", hs)[0]) < 1 or hs.shape[-1] != shape_w[1]:
         raise ValueError(f"hs has shape {tuple(hs.shape)} but Wya {shape_w} expects "
                          f"n_a={shape_w[1]} on the last axis")
     dtypes = {params.Wya.dtype, params.by.dtype, hs.dtype}
@@ -117,7 +119,8 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
                          f"{tuple(hs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
     if weights is None:
         weights = jnp.ones(hs.shape[:-1], hs.dtype)
-    if tuple(weights.shape) != tuple(hs.shape[:-1]) or weights.dtype != hs.dtype:
+    if (_checks.shape_dtype("weights", weights)[0] != tuple(hs.shape[:-1])
+            or weights.dtype != hs.dtype):
         raise ValueError(f"weights must be {hs.dtype} of shape {tuple(hs.shape[:-1])}, "
                          f"got {weights.dtype} {tuple(weights.shape)}")
     if backward == "bptt":

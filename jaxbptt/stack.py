@@ -116,8 +116,16 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
         outs = []
         for d, params in enumerate(_directions(layer)):
             state0 = jax.tree.map(lambda s: s[l * D + d], init)
-            hs, state_T = fn(params, xs, state0, lengths=lengths, reverse=d == 1,
-                             backward=backward, residuals=residuals, chunk=chunk, slots=slots)
+            try:
+                hs, state_T = fn(params, xs, state0, lengths=lengths, reverse=d == 1,
+                                 backward=backward, residuals=residuals, chunk=chunk,
+                                 slots=slots)
+            except (TypeError, ValueError) as e:  # say which layer, and what its xs is
+                xs_is = (f"the stack's xs {tuple(xs.shape)}" if l == 0 else
+                         f"layer {l - 1}'s output {tuple(xs.shape)} = (T, B, D * n_a)")
+                raise type(e)(f"layer {l}{' (backward direction)' if d else ''}: {e} "
+                              f"[its xs is {xs_is}; its initial state is "
+                              f"init[{l * D + d}]]") from e
             outs.append(hs)
             finals.append(state_T)
         xs = jnp.concatenate(outs, axis=-1) if D == 2 else outs[0]

@@ -68,6 +68,17 @@ def test_params_inconsistent(cell):
     _raises(ValueError, [f"{type(params).__name__}.{field}", shape], fn, bad, xs, state0)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_params_first_field_wrong(cell):
+    # the sizes are those most fields agree on, so a wrong first field is the one named
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    field = params._fields[0]
+    bad = params._replace(**{field: jnp.zeros((6,) + getattr(params, field).shape[1:])})
+    with pytest.raises(ValueError) as info:
+        fn(bad, xs, state0)
+    assert str(info.value).startswith(f"{type(params).__name__}.{field} has shape (6,"), info.value
+
+
 def test_params_rank():
     fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
     bad = params._replace(bf=params.bf[:, None])

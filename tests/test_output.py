@@ -74,6 +74,12 @@ def test_bad_labels_and_shapes():
         jb.cross_entropy(out, hs[..., :3], labels)
     with pytest.raises(TypeError, match="one float dtype"):
         jb.cross_entropy(out, hs.astype(jnp.float32), labels)
+    with pytest.raises(TypeError, match="hs must be an array, got list"):
+        jb.cross_entropy(out, hs.tolist(), labels)
+    with pytest.raises(TypeError, match="weights must be an array, got list"):
+        jb.cross_entropy(out, hs, labels, weights=jnp.ones(labels.shape).tolist())
+    with pytest.raises(TypeError, match="params must be OutputParams .*got dict"):
+        jb.cross_entropy(out._asdict(), hs, labels)
 
 
 def test_labels_outside_the_classes_count_for_nothing():

@@ -102,8 +102,17 @@ def test_stack_errors():
         jb.stack((lstm,), xs, dropout=0.2)
     with pytest.raises(TypeError, match="dropout must be a Python float .*got DynamicJaxprTracer"):
         jax.jit(lambda p: jb.stack((lstm,), xs, dropout=p, key=jax.random.PRNGKey(0)))(0.2)
-    with pytest.raises(ValueError, match="n_x=3"):  # a layer's input size is checked by the cell
+    # a layer's input size is checked by the cell; the message names the layer and its xs
+    with pytest.raises(ValueError, match=r"^layer 1: .*n_x=3.*its xs is layer 0's output "
+                                         r"\(5, 2, 4\) = \(T, B, D \* n_a\)"):
         jb.stack((lstm, params("lstm", 3, 4)), xs)
+    with pytest.raises(ValueError, match=r"^layer 1 \(backward direction\): .*n_x=3.*"
+                                         r"layer 0's output \(5, 2, 8\)"):
+        jb.stack((jb.Bidirectional(params("lstm", 3, 4), params("lstm", 3, 4)),
+                  jb.Bidirectional(params("lstm", 8, 4), params("lstm", 3, 4))), xs)
+    with pytest.raises(TypeError, match=r"^layer 0: .*float32.*initial state is init\[0\]"):
+        jb.stack((lstm, params("lstm", 4, 4)), xs,
+                 jb.LSTMState(*(jnp.zeros((2, 2, 4), jnp.float32),) * 2))
     with pytest.raises(ValueError, match="slots= needs residuals='checkpoint'"):  # passed on
         jb.stack((lstm,), xs, slots=2)
 
