@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``ckpt-<step>``, written under a temporary name and
 renamed into place (atomic on POSIX), after ``fsync``: a crash mid-save leaves a
-stray temporary directory, never a checkpoint that loads wrong. The manifest
+stray temporary directory (removed by a later save), never a checkpoint that loads
+wrong. The manifest
 records the SHA-256 of the arrays file, the array shapes and dtypes, and the
 caller's metadata (step, config, RNG key, data position, loss history...).
 Restoring needs a template pytree (a freshly initialised state of the same
@@ -18,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import time
 import warnings
 
 import jax
 import numpy as np
 
 PREFIX = "ckpt-"
+_TMP = ".tmp-"
+_STALE_AFTER = 600.0  # seconds: a temporary directory untouched this long is not in use
 
 
 class CheckpointError(ValueError):
@@ -60,7 +64,9 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     """
     os.makedirs(directory, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=directory)
+    started = time.time()
+    tmp = os.path.join(directory, f"{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)  # unlike mkdtemp's 0700, the mode the user's umask gives
     try:
         arrays = os.path.join(tmp, "arrays.npz")
         with open(arrays, "wb") as f:
@@ -89,10 +95,24 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale_temporaries(directory, started - _STALE_AFTER)
     earlier = [p for p in list_checkpoints(directory) if _step(p) < step]
     for old in earlier[:len(earlier) - (keep - 1)] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove_stale_temporaries(directory, before):
+    """Deletes the temporary directories of saves that were killed (SIGKILL, power
+    loss) before they could clean up: those last modified before ``before``."""
+    for n in os.listdir(directory):
+        path = os.path.join(directory, n)
+        try:
+            if (n.startswith(_TMP) and os.path.isdir(path) and not os.path.islink(path)
+                    and os.path.getmtime(path) < before):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # removed meanwhile
+            pass
 
 
 def _name(step):

@@ -165,7 +165,7 @@ class Progress:
 
     def __init__(self, total, start=0, desc="", stream=sys.stderr):
         self.total, self.n, self.desc, self.stream = total, start, desc, stream
-        self.t0, self.last = time.perf_counter(), -1.0
+        self.t0, self.last, self.line, self.cleared = time.perf_counter(), -1.0, "", False
         self.tty = stream.isatty()
 
     def update(self, n, postfix=""):
@@ -176,18 +176,25 @@ class Progress:
         self.last = now
         frac = n / max(self.total, 1)
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-        line = f"{self.desc} [{bar}] {n}/{self.total} {now - self.t0:5.1f}s {postfix}"
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.line = f"{self.desc} [{bar}] {n}/{self.total} {now - self.t0:5.1f}s {postfix}"
+        self.stream.write(("\r" + self.line) if self.tty else (self.line + "\n"))
         if self.tty and n >= self.total:
             self.stream.write("\n")
         self.stream.flush()
 
     def clear(self):
-        """Erases the bar's line on a terminal, before other output (it is redrawn)."""
+        """Erases the bar's line on a terminal, before other output (then `redraw`)."""
         if self.tty and 0 <= self.last and self.n < self.total:
             self.stream.write("\r\033[K")
             self.stream.flush()
-            self.last = -1.0
+            self.cleared = True
+
+    def redraw(self):
+        """Draws the bar again below the output that `clear` made room for."""
+        if self.cleared:
+            self.stream.write("\r" + self.line)
+            self.stream.flush()
+            self.cleared = False
 
 
 class _Interrupts:
@@ -221,8 +228,14 @@ class _Interrupts:
 
 
 def _compatible(saved: dict, config: Config):
+    def same(k, v):
+        if k == "T" and saved.get("task") == config.task and isinstance(saved.get(k), int):
+            # 0 stands for the task's default T: the same run as that T written out
+            return tasks.get(config.task, saved[k]).T == tasks.get(config.task, v).T
+        return saved.get(k) == v
+
     diffs = [f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in dataclasses.asdict(config).items()
-             if k not in RESUMABLE and saved.get(k) != v]
+             if k not in RESUMABLE and not same(k, v)]
     if diffs:
         raise checkpoint.CheckpointError(
             "the checkpoint in this --out was written by another model or run: "
@@ -283,6 +296,8 @@ def train(config: Config, out: str, *, log=print, progress=True,
             log(message)
         except BrokenPipeError:  # the reader is gone (Ctrl-C in a pipe): train on, save
             pass
+        if bar is not None:
+            bar.redraw()
 
     def flush(done, pending):  # the losses of the steps up to ``done``
         losses = [float(x) for x in pending]

@@ -124,6 +124,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     assert s["resumed_from"] == 20
 
 
+def test_the_default_T_is_the_same_run_as_that_T_written_out(tmp_path):
+    _train(tmp_path, "run", task="copy", steps=20)  # T=0: the copy task's delay of 20
+    assert _train(tmp_path, "run", task="copy", steps=30, T=20)["resumed_from"] == 20
+    with pytest.raises(checkpoint.CheckpointError, match=r"T=20 \(asked 21\)"):
+        _train(tmp_path, "run", task="copy", steps=40, T=21)
+
+
 def _corrupt(path):
     arrays = os.path.join(path, "arrays.npz")
     data = open(arrays, "rb").read()
@@ -214,4 +221,28 @@ def test_progress_bar_is_cleared_before_other_output():
     bar = train.Progress(100, 0, "train", stream=stream)
     bar.update(10, "loss 1.0")
     bar.clear()
-    assert stream.getvalue().startswith("\rtrain [") and stream.getvalue().endswith("\r\033[K")
+    drawn = stream.getvalue()
+    assert drawn.startswith("\rtrain [") and drawn.endswith("\r\033[K")
+    stream.write("step 10: a sample\n")
+    bar.redraw()  # drawn again at once, not only at its next update
+    assert stream.getvalue() == drawn + "step 10: a sample\n" + drawn[:-len("\r\033[K")]
+
+
+def test_save_removes_stale_temporaries_and_keeps_the_umask(tmp_path):
+    # A save killed by SIGKILL leaves its temporary directory behind; a later save
+    # removes it once it is old, and never one that may belong to a save in progress.
+    ckpt_dir = str(tmp_path)
+    stale, fresh = tmp_path / ".tmp-stale", tmp_path / ".tmp-fresh"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "arrays.npz").write_bytes(b"partial")
+    old = time.time() - 2 * checkpoint._STALE_AFTER
+    os.utime(stale, (old, old))
+    previous = os.umask(0o022)
+    try:
+        path = checkpoint.save(ckpt_dir, 1, {"w": np.ones(3)}, {})
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and fresh.exists()
+    assert os.stat(path).st_mode & 0o777 == 0o755  # as mkdir under the umask, not 0700
+    assert sorted(os.listdir(ckpt_dir)) == [".tmp-fresh", "ckpt-000000001"]
