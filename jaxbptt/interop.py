@@ -94,17 +94,31 @@ def _torch_arch(module, where):
     if len(dtypes) != 1:
         raise TypeError(f"{where}: the module mixes parameter dtypes {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
-    if dtype not in (torch.float16, torch.float32, torch.float64):
-        raise TypeError(f"{where}: parameters of dtype {dtype} are not supported (float16, "
-                        "float32 or float64; convert the module, e.g. module.float())")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise TypeError(f"{where}: parameters of dtype {dtype} are not supported (bfloat16, "
+                        "float16, float32 or float64; convert the module, e.g. "
+                        "module.float())")
     D = 2 if module.bidirectional else 1
     return (mode, module.num_layers, D, module.input_size, module.hidden_size,
             bool(module.bias), dtype)
 
 
 def _np(tensor):
-    """A private NumPy copy of a tensor (never aliasing torch's memory)."""
-    return np.array(tensor.detach().cpu().numpy(), copy=True)
+    """A private NumPy copy of a tensor (never aliasing torch's memory); bfloat16, which
+    NumPy lacks, goes through float32 (exactly) to ml_dtypes' bfloat16."""
+    import torch
+
+    t = tensor.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(jnp.bfloat16)
+    return np.array(t.numpy(), copy=True)
+
+
+def _np_dtype(torch_dtype):
+    import torch
+
+    return np.dtype(jnp.bfloat16) if torch_dtype == torch.bfloat16 else \
+        torch.empty((), dtype=torch_dtype).numpy().dtype
 
 
 def _cell_from_torch(mode, w_ih, w_hh, b_ih, b_hh):
@@ -153,7 +167,7 @@ def from_torch(module):
     Args:
       module: a ``torch.nn.RNN`` (``nonlinearity="tanh"``), ``torch.nn.LSTM``
         (``proj_size=0``) or ``torch.nn.GRU`` with ``batch_first=False``; any
-        ``num_layers``, ``bidirectional`` and ``bias``; float16/32/64.
+        ``num_layers``, ``bidirectional`` and ``bias``; bfloat16, float16/32/64.
 
     Returns:
       A tuple with one entry per layer: `RNNParams`, `LSTMParams` or `GRUParams`
@@ -268,7 +282,7 @@ def to_torch(layers, module):
 
     mode, L, D, n_x, n_a, bias, dtype = _torch_arch(module, "to_torch")
     _check_layers(layers, mode, L, D, n_x, n_a)
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    np_dtype = _np_dtype(dtype)
     updates = {}
     for l, layer in enumerate(layers):
         dirs = tuple(layer) if isinstance(layer, Bidirectional) else (layer,)
@@ -289,7 +303,10 @@ def to_torch(layers, module):
     with torch.no_grad():
         for name, value in updates.items():
             param = getattr(module, name)
-            param.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(param.device))
+            if value.dtype == jnp.bfloat16:  # torch reads no NumPy bfloat16: via float32
+                value = value.astype(np.float32)
+            param.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(param.device,
+                                                                         param.dtype))
     return module
 
 

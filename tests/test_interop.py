@@ -296,6 +296,30 @@ def test_to_torch_casts_to_module_dtype(torch):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+def test_bfloat16_modules(torch, kind):
+    # NumPy has no bfloat16: the weights go through float32 (exactly) both ways.
+    module = make_module(kind, 2, True, dtype="bfloat16")
+    before = _state(module)
+    layers = interop.from_torch(module)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(layers))
+    fwd = layers[0].fwd
+    w_hh = before["weight_hh_l0"].float().numpy()
+    got = getattr(fwd, {"lstm": "Wi", "gru": "Wr", "rnn": "Waa"}[kind])[:, :N_A]
+    assert np.array_equal(np.asarray(got, np.float32), w_hh[:N_A])  # copied, not rounded
+    interop.to_torch(layers, module)
+    for name, value in before.items():
+        after = module.state_dict()[name]
+        assert after.dtype == torch.bfloat16
+        if not name.startswith("bias_ih"):  # bias_ih = (b_ih + b_hh) - b_hh, in bfloat16
+            assert torch.equal(after, value), name
+    xs = torch.randn(T, B, N_X, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = module(xs.to(torch.bfloat16))[0].float().numpy()
+    ys = jb.stack(layers, jnp.asarray(xs.numpy(), jnp.bfloat16))[0]
+    assert rel_err(np.asarray(ys, np.float32), ref) < 3e-2  # bfloat16 keeps 8 bits
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_same_architecture_same_structure(torch, kind):
     # Different weights (seeds), with or without biases: one structure, one leaf layout.
     trees = [interop.from_torch(make_module(kind, 2, True, seed=seed, bias=bias))
