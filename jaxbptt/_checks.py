@@ -113,6 +113,17 @@ def state(where, x, B, n_a, dtype):
         raise TypeError(f"{where} is {dt} but the params are {dtype}; cast one of them")
 
 
+def flag(name, x):
+    """A static bool option (``reverse``, ``time_major``), or a TypeError."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"{name} must be a Python bool, static under jit, got a traced value: "
+                        f"mark it static, e.g. jax.jit(f, static_argnames=('{name}',))")
+    if not (isinstance(x, (bool, np.bool_)) or (
+            hasattr(x, "dtype") and np.shape(x) == () and np.dtype(x.dtype) == np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
+    return bool(x)
+
+
 def backward_mode(backward):
     if backward not in ("bptt", "autodiff"):
         raise ValueError(f"backward must be 'bptt' or 'autodiff', got {backward!r}")
@@ -141,7 +152,9 @@ def lengths(x, B, T):
         raise TypeError(f"lengths must be integers, got {dtype}")
     if shape != (B,):
         raise ValueError(f"lengths has shape {shape}, expected (B,) = ({B},) from xs")
-    return jnp.clip(x, 0, T)
+    if jnp.iinfo(dtype).max < T:  # a narrow type that cannot hold T
+        x = x.astype(jnp.int32)
+    return jnp.clip(x, 0, T).astype(jnp.int32)
 
 
 def _static_steps(name, k):
@@ -161,9 +174,15 @@ def truncate(k):
 def chunk(k, residuals):
     """``None``, a positive int, or (``"checkpoint"`` only) a tuple of them, outermost
     first, each dividing the one before: the chunk sizes of nested checkpointing."""
+    if isinstance(k, list):
+        raise ValueError(f"nested chunk sizes are a tuple, got the list {k!r}: "
+                         f"chunk={tuple(k)!r}")
     if not isinstance(k, tuple):
         return _static_steps("chunk", k)
-    if residuals != "checkpoint" or not k:
+    if not k:
+        raise ValueError("chunk=() holds no chunk size: give an int, or a tuple of nested "
+                         "sizes with residuals='checkpoint'")
+    if residuals != "checkpoint":
         raise ValueError(f"a tuple chunk= (nested chunk sizes) needs residuals='checkpoint', "
                          f"got chunk={k!r} with residuals={residuals!r}")
     sizes = tuple(_static_steps("chunk", x) for x in k)

@@ -233,9 +233,11 @@ def _varying_like(tree, x):
 
 
 def _where(mask, new, old):
-    """Row-wise select over a pytree of (B, ...) arrays: ``new`` where mask (B,) holds."""
+    """Row-wise select over a pytree of (B, ...) arrays: ``new`` where mask (B,) holds
+    (or of (K, B, ...) arrays with a mask (K, B))."""
     return jax.tree.map(
-        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old)
+        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim)), n, o),
+        new, old)
 
 
 def _zeros(tree):
@@ -276,8 +278,8 @@ class _Layout(NamedTuple):
     def chunked(self, x):
         """(T, ...) -> (n, K, ...), zero-padded past T."""
         pad = self.n * self.K - x.shape[0]
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+        if pad:  # (a pad, not a concatenate: it keeps x's sharding)
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((self.n, self.K) + x.shape[1:])
 
     def unchunked(self, x, keep_padding=False):
@@ -286,10 +288,10 @@ class _Layout(NamedTuple):
         return x if keep_padding else x[: self.T]
 
     def times(self):
-        return jnp.arange(self.n * self.K).reshape(self.n, self.K)
+        return jnp.arange(self.n * self.K, dtype=jnp.int32).reshape(self.n, self.K)
 
     def valid(self):
-        return jnp.arange(self.n * self.K)[:, None] < self.lengths[None, :]  # (T', B)
+        return jnp.arange(self.n * self.K, dtype=jnp.int32)[:, None] < self.lengths[None, :]
 
     def inputs(self, xs):
         """xs chunked, zero on padded steps (which may hold garbage or inf)."""
@@ -303,7 +305,7 @@ def _masks(t, layout, B, opts):
     valid = None if layout.lengths is None else t < layout.lengths
     if not opts.truncate:
         return valid, None
-    n = jnp.full((B,), layout.T) if layout.lengths is None else layout.lengths
+    n = jnp.full((B,), layout.T, jnp.int32) if layout.lengths is None else layout.lengths
     taken = n - 1 - t if opts.reverse else jnp.broadcast_to(t, (B,))  # steps before this one
     cut = (taken > 0) & (taken % opts.truncate == 0)
     return valid, cut if valid is None else cut & valid
@@ -322,8 +324,8 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
         if cut is not None:
             carry = _where(cut, lax.stop_gradient(carry), carry)
         new, res_t = step(carry, zx_t)
-        if probe_t is not None:
-            new = jax.tree.map(jnp.add, new, probe_t)
+        if probe_t is not None:  # a gradient tap: adds zero, whatever the probe holds
+            new = jax.tree.map(lambda s, p: s + (p - lax.stop_gradient(p)), new, probe_t)
         if valid is not None:
             new = _where(valid, new, carry)
         return new, emit(new, res_t)
@@ -477,6 +479,14 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
             dprev = _where(cut, _zeros(dprev), dprev)
         return dprev, (dz, dstate)
 
+    def cut_off(ts, prevs):
+        """The states entering a block's steps (K, B, ...), constant where truncation cut
+        them: to every order, as the forward's stop_gradient makes them (grad of grad)."""
+        if not opts.truncate:
+            return prevs
+        cuts = jax.vmap(lambda t: _masks(t, layout, B, opts)[1])(ts)  # (K, B)
+        return _where(cuts, lax.stop_gradient(prevs), prevs)
+
     def nested(acc, xs_k, ts, dh_k, start, probe_k, levels):
         """A chunk's backward, nested: rerun its forward keeping the state entering each of
         its sub-chunks of ``levels[0]`` steps, then run over them against time."""
@@ -505,14 +515,15 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         else:
             states, res = kept.states, kept.res
             if res is None:  # the gates of every step of the chunk in one batched matmul
-                a_prevs = (cell.output(_prevs(start, states, opts.reverse)) if states is not None
-                           else _prevs(cell.output(start), kept.outputs, opts.reverse))
+                a_prevs = cut_off(ts, cell.output(_prevs(start, states, opts.reverse))
+                                  if states is not None else
+                                  _prevs(cell.output(start), kept.outputs, opts.reverse))
                 res = cell.gates(f, a_prevs, cell.project(f, xs_k))
             if states is None:  # replayed from the chunk's first state: no matmul
                 states = _run_chunk(cell, f, layout, B, opts, start, res, ts, None,
                                     lambda new, _: new,
                                     lambda s, r: (cell.replay(s, r), None))[1]
-        prevs = _prevs(start, states, opts.reverse)  # (identical to the above: XLA's CSE)
+        prevs = cut_off(ts, _prevs(start, states, opts.reverse))  # (as above: XLA's CSE)
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
@@ -543,7 +554,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     starts, probe = saved.starts, None
     if starts is None:  # picked from the kept states
         starts = _chunk_starts(carry0, saved.states, layout.K, opts.reverse)
-    if opts.residuals == "checkpoint" and with_probe:  # the rerun adds the probe: it is zeros
+    if opts.residuals == "checkpoint" and with_probe:  # (the rerun's tap: values unused)
         probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
                              carry0)
     kept = jax.tree.map(layout.chunked, saved._replace(starts=None))  # (n, K, ...)
@@ -600,6 +611,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
     unless ``chunk`` is given: the plain scan a user would write).
     """
     _checks.backward_mode(backward)
+    reverse, time_major = _checks.flag("reverse", reverse), _checks.flag("time_major", time_major)
     if isinstance(residuals, str) and residuals not in POLICIES:
         raise ValueError(f"residuals must be one of {POLICIES} or a memory budget in bytes, "
                          f"got {residuals!r}")
@@ -612,8 +624,12 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         from jaxbptt import memory  # noqa: PLC0415 (memory imports this module)
         if slots is not None:
             raise ValueError("slots= cannot be given with a memory budget: the plan chooses it")
-        residuals, chunk, _, slots = memory.plan(
-            T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals, cell_chunk)
+        if backward == "autodiff":  # JAX keeps what it keeps: the budget is only checked
+            memory.check_budget(residuals)
+            residuals = "gates"
+        else:
+            residuals, chunk, _, slots = memory.plan(
+                T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals, cell_chunk)
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
         rows = jnp.zeros_like(xs[0, :, :1])
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),

@@ -186,9 +186,10 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
       reverse: run from the last step to the first (within each length).
       truncate: cut the gradient through the state every ``truncate`` steps.
       time_major: ``False`` for batch-major xs and hs.
-      probe: optional zeros shaped like the states over time, an `LSTMState` of two
-        (T, B, n_a) arrays, added to the state after every step; its gradient is dL/d(state<t>) for
-        every t (see `jaxbptt.gradflow`).
+      probe: optional, shaped like the states over time: an `LSTMState` of two
+        (T, B, n_a) arrays (time-major whatever ``time_major``), e.g. zeros. A gradient
+        tap: its values are not used, and its gradient is dL/d(state<t>) for every t
+        (see `jaxbptt.gradflow`).
       residuals: what the forward keeps for ``backward="bptt"``: ``"gates"``,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).

@@ -117,6 +117,13 @@ def _slot_plans(T, fp, budget):
     return plans
 
 
+def check_budget(budget):
+    """A memory budget as an int of bytes, or a ValueError."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
+        raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
+    return int(budget)
+
+
 def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     """The residual plan of least estimated time whose `plan_bytes` fit ``budget``.
 
@@ -136,9 +143,7 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     (100, 32, 64, 128) with one slot: 3.7 MB of temp memory against 1.6 MB).
     Raises ``ValueError`` when nothing fits.
     """
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
-        raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
-    budget = int(budget)
+    budget = check_budget(budget)
     plans = []
     for policy in _driver.POLICIES:
         opts = _driver.Options(residuals=policy, default_chunk=default_chunk)

@@ -117,9 +117,9 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
       reverse: run from the last step to the first (within each length).
       truncate: cut the gradient through the state every ``truncate`` steps.
       time_major: ``False`` for batch-major xs and hs.
-      probe: optional zeros shaped like the states over time (T, B, n_a),
-        added to the state after every step; its gradient is dL/d(state<t>) for
-        every t (see `jaxbptt.gradflow`).
+      probe: optional, shaped like the states over time: (T, B, n_a) (time-major
+        whatever ``time_major``), e.g. zeros. A gradient tap: its values are not
+        used, and its gradient is dL/d(state<t>) for every t (see `jaxbptt.gradflow`).
       residuals: what the forward keeps for ``backward="bptt"``: ``"gates"``,
         ``"states"``, ``"checkpoint"`` (same gradients, less memory; see the README's
         table) or a budget in bytes (`jaxbptt.residual_plan`).

@@ -50,12 +50,21 @@ def cotangents(fn, params, xs, state0, seed=1):
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape).astype(s.dtype)), out)
 
 
-def loss_fn(fn, params, xs, state0, target="both", backward="bptt", seed=1):
-    """loss(params, xs, state0): random cotangents on hs, the final state, or both."""
+def vjp(f, args, cts, **kw):
+    """``(f(*args, **kw), the gradients of args for the cotangents cts)``, in one jit."""
+    def both(args, cts):
+        out, pull = jax.vjp(lambda *a: f(*a, **kw), *args)
+        return out, pull(cts)
+    return jax.jit(both)(args, cts)
+
+
+def loss_fn(fn, params, xs, state0, target="both", backward="bptt", seed=1, **options):
+    """loss(params, xs, state0): random cotangents on hs, the final state, or both;
+    ``options`` go to ``fn`` (lengths=, truncate=, residuals=...)."""
     w, v = cotangents(fn, params, xs, state0, seed)
 
     def loss(params, xs, state0):
-        hs, state_T = fn(params, xs, state0, backward=backward)
+        hs, state_T = fn(params, xs, state0, backward=backward, **options)
         on_hs = jnp.sum(hs * w)
         on_final = sum(jnp.sum(s * c) for s, c in zip(jax.tree.leaves(state_T), jax.tree.leaves(v)))
         return {"hs": on_hs, "final": on_final, "both": on_hs + on_final}[target]

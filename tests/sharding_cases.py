@@ -15,6 +15,8 @@ process, in float64. The report holds numbers and HLO facts; the asserts live in
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -360,14 +362,15 @@ def explicit_mesh(cases):
     """
     mesh = jax.make_mesh((len(jax.devices()),), ("batch",))
     rows = []
-    for name, backward in cases:
+    for (name, backward), in_context in itertools.product(cases, (False, True)):
         pb = Problem(name)
         row = {"model": name, "backward": backward, "axis_types": str(mesh.axis_types),
-               "error": None, "grad_rel_err": None}
-        try:
-            args = put(pb.args(), pb.specs(), mesh)
-            compiled = jax.jit(step_fn(pb, backward)).lower(*args).compile()
-            _, got = compiled(*args)
+               "set_mesh": in_context, "error": None, "grad_rel_err": None}
+        try:  # also traced under jax.set_mesh, where every op is typed on the mesh
+            with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+                args = put(pb.args(), pb.specs(), mesh)
+                compiled = jax.jit(step_fn(pb, backward)).lower(*args).compile()
+                _, got = compiled(*args)
         except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
         else:

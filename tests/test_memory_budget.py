@@ -8,7 +8,7 @@ import pytest
 import jaxbptt as jb
 from jaxbptt import memory
 from jaxbptt.lstm import LSTM_CELL
-from cells import CELLS, cotangents, make, rel_err
+from cells import CELLS, cotangents, make, rel_err, vjp
 
 
 def _kind(plan):
@@ -34,10 +34,7 @@ def _grads(fn, params, xs, state0, **kw):
     cts = cotangents(fn, params, xs, state0)
 
     def grads(**extra):
-        def both(args, cts):
-            out, pull = jax.vjp(lambda *a: fn(*a, **kw, **extra), *args)
-            return out, pull(cts)
-        return jax.jit(both)((params, xs, state0), cts)
+        return vjp(fn, (params, xs, state0), cts, **kw, **extra)
     return grads
 
 
@@ -137,6 +134,11 @@ def test_too_small_or_bad_budget():
                                          r"\d+ bytes with residuals='checkpoint', chunk=2, "
                                          r"slots=1"):
         fn(params, xs, state0, residuals=100)
+    # JAX's own backward keeps what it keeps: a budget is checked, not planned
+    hs = fn(params, xs, state0, residuals=100, backward="autodiff")[0]
+    assert rel_err(hs, fn(params, xs, state0)[0]) == 0.0
+    with pytest.raises(ValueError, match="a memory budget must be a positive int of bytes"):
+        fn(params, xs, state0, residuals=-1, backward="autodiff")
     assert jb.residual_plan(params, xs, np.int64(10**6)) == jb.residual_plan(params, xs, 10**6)
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="a memory budget must be a positive int of bytes"):

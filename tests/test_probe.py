@@ -5,11 +5,8 @@ import jax.numpy as jnp
 import pytest
 
 import jaxbptt as jb
+from jaxbptt.gradflow import zeros_probe
 from cells import CELLS, cotangents, make, rel_err
-
-
-def _zeros_probe(state0, T):
-    return jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
 
 
 def _loss(fn, w, v, **kw):
@@ -25,7 +22,7 @@ def test_probe_gradient_is_the_state_adjoint(cell):
     T = 6
     fn, params, xs, state0 = make(cell, T, 3, 2, 4)
     w, v = cotangents(fn, params, xs, state0)
-    probe = _zeros_probe(state0, T)
+    probe = zeros_probe(state0, T)
     grads = {b: jax.jit(jax.grad(_loss(fn, w, v, backward=b), argnums=(0, 1, 2, 3)))(
         params, xs, state0, probe) for b in ("bptt", "autodiff")}
     assert rel_err(grads["bptt"], grads["autodiff"]) < 1e-12
@@ -52,12 +49,29 @@ def test_probe_gradient_is_the_state_adjoint(cell):
         assert rel_err(got, ref) < 1e-12, t
 
 
+@pytest.mark.parametrize("residuals", ["gates", "states", "checkpoint"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_probe_values_are_not_used(cell, residuals):
+    # A gradient tap: any probe gives the outputs and gradients of a zero one.
+    T = 6
+    fn, params, xs, state0 = make(cell, T, 3, 2, 4)
+    w, v = cotangents(fn, params, xs, state0)
+    zeros = zeros_probe(state0, T)
+    ones = jax.tree.map(lambda z: z + 0.3, zeros)
+    for backward in ("bptt", "autodiff"):
+        loss = jax.jit(jax.value_and_grad(_loss(fn, w, v, backward=backward, residuals=residuals,
+                                                chunk=2), argnums=(0, 1, 2, 3)))
+        value0, grads0 = loss(params, xs, state0, zeros)
+        value, grads = loss(params, xs, state0, ones)
+        assert value == value0 and rel_err(grads, grads0) == 0.0, backward
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru-cudnn"])
 def test_probe_with_lengths_reverse_truncate(cell):
     T = 7
     fn, params, xs, state0 = make(cell, T, 3, 2, 4)
     w, v = cotangents(fn, params, xs, state0)
-    probe = _zeros_probe(state0, T)
+    probe = zeros_probe(state0, T)
     kw = dict(lengths=jnp.asarray([7, 3, 0]), reverse=True, truncate=2)
     g = {b: jax.jit(jax.grad(_loss(fn, w, v, backward=b, **kw), argnums=3))(
         params, xs, state0, probe) for b in ("bptt", "autodiff")}

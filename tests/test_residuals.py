@@ -9,16 +9,10 @@ import pytest
 
 import jaxbptt as jb
 from jaxbptt import _driver
-from cells import CELLS, cotangents, make, rel_err
+from jaxbptt.gradflow import zeros_probe
+from cells import CELLS, cotangents, make, rel_err, vjp
 
 LSTM_CELL = importlib.import_module("jaxbptt.lstm").LSTM_CELL
-
-
-def _grads(fn, args, cts, **kw):
-    def both(args, cts):
-        out, pull = jax.vjp(lambda *a: fn(*a, **kw), *args)
-        return out, pull(cts)
-    return jax.jit(both)(args, cts)
 
 
 @pytest.mark.parametrize("chunk", [None] + [pytest.param(k, marks=pytest.mark.slow)
@@ -28,8 +22,8 @@ def _grads(fn, args, cts, **kw):
 def test_policies_equal_autodiff(cell, residuals, chunk):
     fn, params, xs, state0 = make(cell, 11, 3, 2, 4)
     cts = cotangents(fn, params, xs, state0)
-    ref = _grads(fn, (params, xs, state0), cts, backward="autodiff")
-    got = _grads(fn, (params, xs, state0), cts, residuals=residuals, chunk=chunk)
+    ref = vjp(fn, (params, xs, state0), cts, backward="autodiff")
+    got = vjp(fn, (params, xs, state0), cts, residuals=residuals, chunk=chunk)
     assert rel_err(got, ref) < 1e-12
 
 
@@ -38,7 +32,7 @@ def test_policies_equal_autodiff(cell, residuals, chunk):
 def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
     T = 10
     fn, params, xs, state0 = make(cell, T, 4, 2, 3)
-    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
+    probe = zeros_probe(state0, T)
     xs = xs.at[7:, 1].set(jnp.inf)  # padding of row 1 holds garbage
     kw = dict(lengths=jnp.asarray([10, 7, 0, 3]), reverse=True, truncate=3)
     cts = cotangents(fn, params, xs, state0)
@@ -46,8 +40,8 @@ def test_policies_with_lengths_reverse_truncate_probe(cell, residuals):
     def f(params, xs, state0, probe, **extra):
         return fn(params, xs, state0, probe=probe, **kw, **extra)
 
-    ref = _grads(f, (params, xs, state0, probe), cts, backward="autodiff")
-    got = _grads(f, (params, xs, state0, probe), cts, residuals=residuals, chunk=4)
+    ref = vjp(f, (params, xs, state0, probe), cts, backward="autodiff")
+    got = vjp(f, (params, xs, state0, probe), cts, residuals=residuals, chunk=4)
     assert rel_err(got, ref) < 1e-12
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
 
@@ -63,15 +57,15 @@ def test_reruns_equal_autodiff(cell, options):
     # reruns from one kept start to the next chunk (Gruslys et al.).
     T = 23
     fn, params, xs, state0 = make(cell, T, 4, 2, 3)
-    probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
+    probe = zeros_probe(state0, T)
     xs = xs.at[13:, 1].set(jnp.inf)
     cts = cotangents(fn, params, xs, state0)
     for kw in (dict(), dict(lengths=jnp.asarray([23, 13, 0, 5]), reverse=True, truncate=4)):
         def f(params, xs, state0, probe, kw=kw, **extra):
             return fn(params, xs, state0, probe=probe, **kw, **extra)
         args = (params, xs if kw else jnp.nan_to_num(xs), state0, probe)
-        ref = _grads(f, args, cts, backward="autodiff")
-        got = _grads(f, args, cts, residuals="checkpoint", **options)
+        ref = vjp(f, args, cts, backward="autodiff")
+        got = vjp(f, args, cts, residuals="checkpoint", **options)
         assert rel_err(got, ref) < 1e-12, kw
 
 
@@ -92,8 +86,8 @@ def test_nested_outer_chunk_longer_than_T(T, chunk):
 
     def f(params, xs, state0, **kw):
         return fn(params, xs, state0, lengths=jnp.asarray([T, T // 2]), **kw)
-    ref = _grads(f, (params, xs, state0), cts, backward="autodiff")
-    got = _grads(f, (params, xs, state0), cts, residuals="checkpoint", chunk=chunk)
+    ref = vjp(f, (params, xs, state0), cts, backward="autodiff")
+    got = vjp(f, (params, xs, state0), cts, residuals="checkpoint", chunk=chunk)
     assert rel_err(got, ref) < 1e-12
 
 

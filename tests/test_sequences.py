@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxbptt as jb
-from cells import CELLS, cotangents, make, rel_err
+from cells import CELLS, cotangents, make, rel_err, vjp
 
 TOL = {np.float64: 1e-12, np.float32: 3e-5}
 LENGTHS = {  # T = 6, B = 4
@@ -44,14 +43,6 @@ def _reference(fn, params, xs, state0, lengths, reverse, backward):
             jax.tree.map(lambda *r: jnp.concatenate(r), *finals))
 
 
-def _vjp(f, args, cts):
-    """(f(*args), the gradients of args for cotangents cts), all in one jit."""
-    def both(args, cts):
-        out, pull = jax.vjp(f, *args)
-        return out, pull(cts)
-    return jax.jit(both)(args, cts)
-
-
 @pytest.mark.parametrize("case,reverse", [
     ("ragged", False), ("ragged", True), ("all_equal", False), ("with_zero", True),
     pytest.param("all_equal", True, marks=pytest.mark.slow),
@@ -61,12 +52,12 @@ def test_lengths_match_rows_run_alone(cell, case, reverse):
     fn, params, xs, state0 = make(cell, 6, 4, 3, 5)
     lengths = LENGTHS[case]
     cts = cotangents(fn, params, xs, state0)
-    ref_out, ref_grads = _vjp(
+    ref_out, ref_grads = vjp(
         lambda p, x, s: _reference(fn, p, x, s, lengths, reverse, "autodiff"),
         (params, xs, state0), cts)
     for backward in ("bptt", "autodiff"):
         f = lambda p, x, s: fn(p, x, s, lengths=jnp.asarray(lengths), reverse=reverse, backward=backward)  # noqa: E731
-        out, grads = _vjp(f, (params, xs, state0), cts)
+        out, grads = vjp(f, (params, xs, state0), cts)
         assert rel_err(out, ref_out) < TOL[np.float64], backward
         assert rel_err(grads, ref_grads) < TOL[np.float64], backward
 
@@ -83,9 +74,20 @@ def test_lengths_past_T_mean_T(cell):
             for backward in ("bptt", "autodiff"):
                 def f(p, x, s, lengths, kw=kw, backward=backward):
                     return fn(p, x, s, lengths=lengths, chunk=chunk, backward=backward, **kw)
-                got = _vjp(lambda p, x, s: f(p, x, s, past), (params, xs, state0), cts)
-                ref = _vjp(lambda p, x, s: f(p, x, s, clipped), (params, xs, state0), cts)
+                got = vjp(lambda p, x, s: f(p, x, s, past), (params, xs, state0), cts)
+                ref = vjp(lambda p, x, s: f(p, x, s, clipped), (params, xs, state0), cts)
                 assert rel_err(got, ref) < TOL[np.float64], (T, kw, backward)
+
+
+def test_lengths_of_any_integer_type():
+    # int8 cannot hold T = 130 (clipping to it overflowed); int64 meets int32 times.
+    fn, params, xs, state0 = make("lstm", 130, 3, 2, 3)
+    ref = fn(params, xs, state0, lengths=jnp.asarray([127, 5, 0], jnp.int32), reverse=True,
+             truncate=4)
+    for dtype in (np.int8, np.uint8, np.int16, np.int64, np.uint32):
+        got = fn(params, xs, state0, lengths=jnp.asarray([127, 5, 0], dtype), reverse=True,
+                 truncate=4)
+        assert rel_err(got, ref) == 0.0, dtype
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -103,7 +105,7 @@ def test_garbage_padding_never_leaks(cell, reverse):
             return fn(p, x, s, lengths=lengths, reverse=reverse, backward=backward)
 
         for name, x in (("clean", clean), ("dirty", dirty)):
-            out, grads = _vjp(f, (params, x, state0), cts)
+            out, grads = vjp(f, (params, x, state0), cts)
             for leaf in jax.tree.leaves((out, grads)):
                 assert bool(jnp.all(jnp.isfinite(leaf))), (backward, name)
             results[backward, name] = (out, grads)
@@ -118,9 +120,9 @@ def test_length_one_and_T_one(cell):
     fn, params, xs, state0 = make(cell, 1, 3, 2, 4)
     lengths = jnp.asarray([1, 0, 1])
     cts = cotangents(fn, params, xs, state0)
-    got = {b: _vjp(lambda p, x, s: fn(p, x, s, lengths=lengths, backward=b),
+    got = {b: vjp(lambda p, x, s: fn(p, x, s, lengths=lengths, backward=b),
                    (params, xs, state0), cts) for b in ("bptt", "autodiff")}
-    ref = _vjp(lambda p, x, s: _reference(fn, p, x, s, [1, 0, 1], False, "autodiff"),
+    ref = vjp(lambda p, x, s: _reference(fn, p, x, s, [1, 0, 1], False, "autodiff"),
                (params, xs, state0), cts)
     assert rel_err(got["bptt"], ref) < 1e-12 and rel_err(got["autodiff"], ref) < 1e-12
 
@@ -130,7 +132,7 @@ def test_float32_lengths_reverse(cell):
     fn, params, xs, state0 = make(cell, 7, 3, 2, 4, dtype=np.float32)
     lengths = jnp.asarray([7, 4, 2])
     cts = cotangents(fn, params, xs, state0)
-    got = {b: _vjp(lambda p, x, s: fn(p, x, s, lengths=lengths, reverse=True, backward=b),
+    got = {b: vjp(lambda p, x, s: fn(p, x, s, lengths=lengths, reverse=True, backward=b),
                    (params, xs, state0), cts) for b in ("bptt", "autodiff")}
     assert rel_err(got["bptt"], got["autodiff"]) < TOL[np.float32]
 
@@ -156,10 +158,10 @@ def _truncated_reference(fn, params, xs, state0, k, reverse):
 def test_truncate_matches_stop_gradient_chunks(cell, reverse, k):
     fn, params, xs, state0 = make(cell, 7, 3, 2, 4)
     cts = cotangents(fn, params, xs, state0)
-    ref = _vjp(lambda p, x, s: _truncated_reference(fn, p, x, s, k, reverse),
+    ref = vjp(lambda p, x, s: _truncated_reference(fn, p, x, s, k, reverse),
                (params, xs, state0), cts)
     for backward in ("bptt", "autodiff"):
-        got = _vjp(lambda p, x, s: fn(p, x, s, truncate=k, reverse=reverse, backward=backward),
+        got = vjp(lambda p, x, s: fn(p, x, s, truncate=k, reverse=reverse, backward=backward),
                    (params, xs, state0), cts)
         assert rel_err(got, ref) < TOL[np.float64], backward
 
@@ -178,9 +180,9 @@ def test_truncate_with_lengths(cell):
                                   for h, _ in rows], axis=1)
             return hs, jax.tree.map(lambda *r: jnp.concatenate(r), *[f for _, f in rows])
 
-        ref = _vjp(reference, (params, xs, state0), cts)
+        ref = vjp(reference, (params, xs, state0), cts)
         for backward in ("bptt", "autodiff"):
-            got = _vjp(lambda p, x, s: fn(p, x, s, truncate=2, reverse=reverse, backward=backward,
+            got = vjp(lambda p, x, s: fn(p, x, s, truncate=2, reverse=reverse, backward=backward,
                                           lengths=jnp.asarray(lengths)), (params, xs, state0), cts)
             assert rel_err(got, ref) < TOL[np.float64], (reverse, backward)
 
@@ -204,3 +206,15 @@ def test_option_errors():
         fn(params, xs, state0, truncate=0)
     with pytest.raises(ValueError, match=r"\(B, T, n_x\) when time_major=False"):
         fn(params, xs[0], state0, time_major=False)
+    with pytest.raises(TypeError, match="reverse must be a bool, got 'no'"):
+        fn(params, xs, state0, reverse="no")
+    with pytest.raises(TypeError, match="time_major must be a bool, got 0"):
+        fn(params, xs, state0, time_major=0)
+    with pytest.raises(TypeError, match=r"reverse must be a Python bool, static under jit.*"
+                                        r"static_argnames=\('reverse',\)"):
+        jax.jit(fn)(params, xs, state0, reverse=True)
+    assert fn(params, xs, state0, reverse=np.bool_(True))[0].shape == (5, 3, 4)
+    with pytest.raises(ValueError, match=r"chunk=\(\) holds no chunk size"):
+        fn(params, xs, state0, residuals="checkpoint", chunk=())
+    with pytest.raises(ValueError, match=r"a tuple, got the list \[4, 2\]: chunk=\(4, 2\)"):
+        fn(params, xs, state0, residuals="checkpoint", chunk=[4, 2])

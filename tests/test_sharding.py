@@ -156,10 +156,12 @@ def test_shard_map_invariant_initial_state(report):
 def test_explicit_mesh(report):
     # jax.make_mesh's default axis types (Explicit in jax 0.10, sharding in types): the
     # hand-derived dW contractions over the sharded batch are typed unreduced.
+    # Also under jax.set_mesh, with T = 19 padded to whole chunks.
     rows = report["explicit_mesh"]
     assert any(r["axis_types"] == "(Explicit,)" for r in rows)
+    assert {r["set_mesh"] for r in rows} == {False, True}
     for r in rows:
-        assert r["error"] is None, (_where(r), r["axis_types"], r["error"])
+        assert r["error"] is None, (_where(r), r["set_mesh"], r["axis_types"], r["error"])
         assert r["grad_rel_err"] < TOL and r["dxs_batch_sharded"], _where(r)
         assert r["dparams_replicated"], _where(r)
 

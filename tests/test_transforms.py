@@ -37,15 +37,26 @@ def test_grad_of_vmap(cell):
     assert rel_err(g_b, g_a) < TOL
 
 
+# Truncation's cuts are constants to every order (the forward's stop_gradient), also
+# for the states each policy's backward rebuilds.
+SECOND_ORDER = {
+    "default": {},
+    "truncate-lengths-reverse": dict(truncate=2, lengths=jnp.array([6, 3]), reverse=True),
+    "truncate-states": dict(truncate=3, residuals="states", chunk=4),
+    "truncate-checkpoint-nested": dict(truncate=2, residuals="checkpoint", chunk=(4, 2)),
+}
+
+
+@pytest.mark.parametrize("options", SECOND_ORDER)
 @pytest.mark.parametrize("cell", CELLS)
-def test_reverse_over_reverse(cell):
+def test_reverse_over_reverse(cell, options):
     # grad of a function of grad: a gradient-norm penalty, as in WGAN-GP or
     # double backprop. The backward rule is itself differentiated.
-    fn, params, xs, state0 = make(cell, 4, 2, 3, 3)
+    fn, params, xs, state0 = make(cell, 7, 2, 3, 3)
 
     def penalty(params, backward):
-        g = jax.grad(loss_fn(fn, params, xs, state0, backward=backward), argnums=1)(
-            params, xs, state0)
+        g = jax.grad(loss_fn(fn, params, xs, state0, backward=backward,
+                             **SECOND_ORDER[options]), argnums=1)(params, xs, state0)
         return jnp.sum(g**2)
 
     g_b = jax.jit(jax.grad(penalty), static_argnums=1)(params, "bptt")
