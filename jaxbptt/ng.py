@@ -13,6 +13,8 @@ in float32 (the course's published values then agree to about 1e-6).
 
 from __future__ import annotations
 
+import collections.abc
+
 import jax
 import jax.numpy as jnp
 
@@ -44,6 +46,17 @@ def _cols(name, x, shape, dtype, dims):
         raise TypeError(f"{name} is {dt} but the parameters are {dtype}; cast one of them")
 
 
+def _keys(parameters, keys):
+    """``parameters`` must be a dict holding ``keys`` (the course's names)."""
+    if not isinstance(parameters, collections.abc.Mapping):
+        raise TypeError(f"parameters must be a dict, as in the course, got "
+                        f"{type(parameters).__name__}")
+    missing = [k for k in keys if k not in parameters]
+    if missing:
+        raise ValueError(f"parameters lacks {', '.join(missing)}: the course's dict holds "
+                         f"{', '.join(keys)}")
+
+
 def _bias(parameters, key):
     b = parameters[key]
     n = _checks.shape_dtype(key, b)[0]
@@ -53,12 +66,14 @@ def _bias(parameters, key):
 
 
 def _rnn_params(parameters):
+    _keys(parameters, ("Wax", "Waa", "ba"))
     p = RNNParams(parameters["Wax"], parameters["Waa"], _bias(parameters, "ba"))
     _checks.params(p, _RNN_SPEC)
     return p
 
 
 def _lstm_params(parameters):
+    _keys(parameters, tuple(k + g for g in _LSTM_GATES for k in "Wb"))
     p = LSTMParams(*(parameters[k + g] if k == "W" else _bias(parameters, k + g)
                      for g in _LSTM_GATES for k in "Wb"))
     _checks.params(p, _LSTM_SPEC)
@@ -76,7 +91,8 @@ def _inputs(x, a0, parameters, W, n_x, c0=None):
     for name, s in (("a0", a0), ("c0", c0)):
         if s is not None:
             _cols(name, s, (n_a, m), dtype, ("n_a", "m"))
-    out = "Wya" if "Wya" in parameters else "Wy"
+    out = "Wya" if W == "Wax" else "Wy"  # the course's names: Wya (RNN), Wy (LSTM)
+    _keys(parameters, (out, "by"))
     _cols(f"parameters['{out}']", parameters[out], (None, n_a), dtype, ("n_y", "n_a"))
     n_y = parameters[out].shape[0]
     _cols("parameters['by']", parameters["by"], (n_y, 1), dtype, ("n_y", "1"))

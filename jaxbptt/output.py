@@ -114,15 +114,20 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
     _check(params, hs)
     _checks.backward_mode(backward)
     labels = jnp.asarray(labels)
-    if labels.shape != hs.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integers of shape hs.shape[:-1] = "
-                         f"{tuple(hs.shape[:-1])}, got {labels.dtype} {tuple(labels.shape)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    if labels.shape != hs.shape[:-1]:
+        raise ValueError(f"labels must have shape hs.shape[:-1] = {tuple(hs.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if jnp.iinfo(labels.dtype).max < params.Wya.shape[0]:  # n_y would wrap around in it
+        labels = labels.astype(jnp.int32)
     if weights is None:
         weights = jnp.ones(hs.shape[:-1], hs.dtype)
-    if (_checks.shape_dtype("weights", weights)[0] != tuple(hs.shape[:-1])
-            or weights.dtype != hs.dtype):
-        raise ValueError(f"weights must be {hs.dtype} of shape {tuple(hs.shape[:-1])}, "
-                         f"got {weights.dtype} {tuple(weights.shape)}")
+    if _checks.shape_dtype("weights", weights)[0] != tuple(hs.shape[:-1]):
+        raise ValueError(f"weights must have shape hs.shape[:-1] = {tuple(hs.shape[:-1])}, "
+                         f"got {tuple(weights.shape)}")
+    if weights.dtype != hs.dtype:
+        raise TypeError(f"weights must have hs's dtype {hs.dtype}, got {weights.dtype}")
     if backward == "bptt":
         return _xent(params, hs, labels, weights)
     return jnp.sum(weights * _nll(params, hs, labels)[0])

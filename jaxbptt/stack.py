@@ -32,9 +32,14 @@ def _directions(layer):
 
 def _describe(layers):
     """(cell fn, params type, D, n_a) shared by every layer, or a clear error."""
-    if not isinstance(layers, (tuple, list)) or not layers:
+    if not isinstance(layers, (tuple, list)) or not layers or type(layers) in _CELLS or (
+            isinstance(layers, Bidirectional)):
         raise TypeError("layers must be a non-empty tuple with one entry per layer, each a "
-                        "cell's params or a Bidirectional(fwd, bwd) pair")
+                        "cell's params or a Bidirectional(fwd, bwd) pair, got "
+                        f"{type(layers).__name__}" + (
+                            f" (one layer: pass ({type(layers).__name__}(...),))"
+                            if type(layers) in _CELLS or isinstance(layers, Bidirectional)
+                            else ""))
     kinds = {type(p) for layer in layers for p in _directions(layer)}
     if len(kinds) != 1 or next(iter(kinds)) not in _CELLS:
         raise TypeError(f"every layer of a stack must hold params of one cell type "
@@ -145,8 +150,9 @@ def split_stream(stream, chunk: int):
     state, ``detach``-ed, and update the parameters between windows. A
     remainder shorter than ``chunk`` is dropped. Works on a pytree of streams.
     """
-    if not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = int(chunk)
 
     def cut(x):
         n = x.shape[0] // chunk

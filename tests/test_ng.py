@@ -718,6 +718,16 @@ def test_bad_input_is_named_in_the_course_layout():
     with pytest.raises(ValueError, match=r"c0 has shape \(10, 5\)"):
         ng.lstm_cell_forward(*case_lstm_cell_forward()[:2],
                              case_lstm_cell_forward()[2].T, case_lstm_cell_forward()[3])
+    with pytest.raises(ValueError, match="parameters lacks Waa: the course's dict holds Wax, "
+                                         "Waa, ba"):
+        ng.rnn_forward(x, a0, {k: v for k, v in p.items() if k != "Waa"})
+    with pytest.raises(ValueError, match="parameters lacks by"):
+        ng.rnn_forward(x, a0, {k: v for k, v in p.items() if k != "by"})
+    with pytest.raises(TypeError, match="parameters must be a dict, as in the course, got list"):
+        ng.rnn_forward(x, a0, list(p.values()))
+    xl, a0l, pl = case_lstm_forward()
+    with pytest.raises(ValueError, match="parameters lacks bi: "):
+        ng.lstm_forward(xl, a0l, {k: v for k, v in pl.items() if k not in ("bi", "Wy")})
 
 
 def test_a_wrong_upstream_gradient_is_refused_not_broadcast():

@@ -66,10 +66,14 @@ def test_end_to_end_through_lstm():
 
 def test_bad_labels_and_shapes():
     out, hs, labels, _ = _problem()
-    with pytest.raises(ValueError, match=r"labels must be integers of shape .*\(5, 3\)"):
+    with pytest.raises(ValueError, match=r"labels must have shape .*\(5, 3\), got \(5, 2\)"):
         jb.cross_entropy(out, hs, labels[:, :2])
-    with pytest.raises(ValueError, match="labels must be integers"):
+    with pytest.raises(TypeError, match="labels must be integer class indices, got float64"):
         jb.cross_entropy(out, hs, labels.astype(jnp.float64))
+    with pytest.raises(ValueError, match=r"weights must have shape .*\(5, 3\), got \(5,\)"):
+        jb.cross_entropy(out, hs, labels, weights=jnp.ones(5))
+    with pytest.raises(TypeError, match="weights must have hs's dtype float64, got float32"):
+        jb.cross_entropy(out, hs, labels, weights=jnp.ones(labels.shape, jnp.float32))
     with pytest.raises(ValueError, match=r"hs has shape \(5, 3, 3\)"):
         jb.cross_entropy(out, hs[..., :3], labels)
     with pytest.raises(TypeError, match="one float dtype"):
@@ -96,3 +100,15 @@ def test_labels_outside_the_classes_count_for_nothing():
     ref = grad(out, hs, labels, weights * mask, "autodiff")
     for backward in ("bptt", "autodiff"):
         assert rel_err(grad(out, hs, bad, weights, backward), ref) < 1e-12, backward
+
+
+def test_labels_of_a_narrow_integer_type():
+    # n_y = 300 does not fit in int8/uint8: the labels are compared with it in int32.
+    out = jb.init_output(jax.random.PRNGKey(0), 4, 300, jnp.float64)
+    hs = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4), jnp.float64)
+    labels = jnp.array([[10, 100, 120], [0, 50, -1]])
+    ref = jb.cross_entropy(out, hs, labels)
+    for dtype in (jnp.int8, jnp.int16, jnp.int64):
+        assert jb.cross_entropy(out, hs, labels.astype(dtype)) == ref, dtype
+    assert jb.cross_entropy(out, hs, jnp.abs(labels).astype(jnp.uint8)) == jb.cross_entropy(
+        out, hs, jnp.abs(labels))

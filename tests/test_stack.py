@@ -92,6 +92,8 @@ def test_stack_errors():
     xs = make("lstm", 5, 2, 3, 4)[2]
     with pytest.raises(TypeError, match="one cell type"):
         jb.stack((lstm, rnn), xs)
+    with pytest.raises(TypeError, match=r"got LSTMParams \(one layer: pass \(LSTMParams"):
+        jb.stack(lstm, xs)
     with pytest.raises(ValueError, match="every layer of a stack is Bidirectional or none"):
         jb.stack((jb.Bidirectional(lstm, lstm), params("lstm", 8, 4)), xs)
     with pytest.raises(ValueError, match=r"same hidden size n_a .*\[4, 5\]"):
@@ -144,7 +146,9 @@ def test_split_stream():
     x = jnp.arange(10 * 2).reshape(10, 2)
     windows = jb.split_stream(x, 3)
     assert windows.shape == (3, 3, 2) and bool(jnp.all(windows.reshape(9, 2) == x[:9]))
-    with pytest.raises(ValueError, match="positive int"):
-        jb.split_stream(x, 0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="positive int"):
+            jb.split_stream(x, bad)
+    assert jb.split_stream(x, np.int64(3)).shape == (3, 3, 2)
     with pytest.raises(ValueError, match="no window of 11"):
         jb.split_stream(x, 11)
