@@ -82,7 +82,7 @@ def hlo_ops(text):
 def concurrency(spans):
     """The time some op ran (the union of the spans), and the time each pair of ops ran
     side by side: XLA's CPU runtime runs independent ops of a body on different cores."""
-    busy, pairs, running, end = 0, collections.Counter(), [], None
+    busy, pairs, running, first, end = 0, collections.Counter(), [], None, None
     for start, stop, name in sorted(spans):
         if end is None or start > end:
             busy += 0 if end is None else end - first

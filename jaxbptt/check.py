@@ -115,8 +115,15 @@ def check_one(cell, variant, dtype, device, seed=0) -> Result:
     return Result(cell, variant, dtype, device.platform, errors, TOLERANCE[dtype])
 
 
-def run_all(seed=0):
-    """Every cell x variant x platform x dtype."""
-    return [check_one(cell, variant, dtype, device, seed)
-            for device in devices() for dtype in dtypes_for(device)
-            for cell, variant in CELLS]
+def run_all(seed=0, cells=None, progress=None):
+    """Every cell x variant x platform x dtype, or only the cells named in ``cells``;
+    ``progress(i, total, label)`` is called before each check."""
+    todo = [(cell, variant, dtype, device) for device in devices()
+            for dtype in dtypes_for(device) for cell, variant in CELLS
+            if not cells or cell in cells]
+    results = []
+    for i, (cell, variant, dtype, device) in enumerate(todo):
+        if progress is not None:
+            progress(i + 1, len(todo), f"{cell} {variant} {dtype} {device.platform}")
+        results.append(check_one(cell, variant, dtype, device, seed))
+    return results

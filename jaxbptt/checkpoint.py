@@ -16,6 +16,7 @@ only checkpoints older than the one it writes: never that one, never a newer one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,11 @@ import warnings
 
 import jax
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 PREFIX = "ckpt-"
 _TMP = ".tmp-"
@@ -38,6 +44,10 @@ class CheckpointError(ValueError):
 
 class NoReadableCheckpoint(CheckpointError):
     """There are checkpoints, and none of them can be read."""
+
+
+class Busy(CheckpointError):
+    """Another process holds the directory (see `locked`)."""
 
 
 def _sha256(path):
@@ -84,22 +94,58 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        final = os.path.join(directory, _name(step))
-        if os.path.isdir(final):  # the same step, saved before (or unreadable): replaced
-            shutil.rmtree(final)
-        elif os.path.lexists(final):
-            raise CheckpointError(f"{final} is in the way of this run's checkpoint and is not "
-                                  "a checkpoint directory: move it away")
-        os.rename(tmp, final)
-        _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _remove_stale_temporaries(directory, started - _STALE_AFTER)
-    earlier = [p for p in list_checkpoints(directory) if _step(p) < step]
-    for old in earlier[:len(earlier) - (keep - 1)] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+    final = os.path.join(directory, name(step))
+    with locked(directory):  # one writer at a time renames, replaces and prunes
+        try:
+            if os.path.lexists(final) and not os.path.isdir(final):
+                raise CheckpointError(f"{final} is in the way of this run's checkpoint and is "
+                                      "not a checkpoint directory: move it away")
+            if os.path.isdir(final):  # the same step, saved before (or unreadable): replaced
+                os.rename(final, tmp + "-replaced")  # (then it is gone in one rename)
+            os.rename(tmp, final)
+            _fsync_dir(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(tmp + "-replaced", ignore_errors=True)
+        _remove_stale_temporaries(directory, started - _STALE_AFTER)
+        earlier = [p for p in list_checkpoints(directory) if _step(p) < step]
+        for old in earlier[:len(earlier) - (keep - 1)] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def locked(directory, shared=False, wait=True):
+    """Holds ``directory/.lock`` (POSIX ``flock``; nothing where there is none).
+
+    A save holds it exclusively while it renames, replaces and prunes, a restore
+    shared while it reads, so that neither sees the other half done; a training run
+    holds its output directory's without ``wait``, so that a second run there is
+    refused (`Busy`) instead of writing over the first.
+    """
+    try:
+        f = None if fcntl is None else open(os.path.join(directory, ".lock"), "a")
+    except OSError:  # a read-only directory: nothing writes there meanwhile
+        f = None
+    if f is None:  # (or no flock on this platform: saves are still atomic)
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                        | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(f"{directory} is in use by another process (another run training "
+                       "there?): wait for it to finish, or use another directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_stale_temporaries(directory, before):
@@ -115,7 +161,8 @@ def _remove_stale_temporaries(directory, before):
             pass
 
 
-def _name(step):
+def name(step):
+    """The directory name of step's checkpoint, ``ckpt-<step, 9 digits>``."""
     return f"{PREFIX}{step:09d}"
 
 
@@ -130,7 +177,7 @@ def list_checkpoints(directory):
         return []
     paths = [os.path.join(directory, n) for n in os.listdir(directory)
              if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()
-             and n == _name(int(n[len(PREFIX):]))]
+             and n == name(int(n[len(PREFIX):]))]
     return sorted((p for p in paths if os.path.isdir(p)), key=_step)
 
 
@@ -171,14 +218,17 @@ def restore_latest(directory, template, validate=None):
     `CheckpointError`, as does ``validate(meta)`` (called on each manifest's
     metadata) when it objects.
     """
-    paths = list_checkpoints(directory)
-    for path in reversed(paths):
-        try:
-            return _read(path, template, validate)
-        except CheckpointError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+    if not os.path.isdir(directory):
+        return None
+    with locked(directory, shared=True):
+        paths = list_checkpoints(directory)
+        for path in reversed(paths):
+            try:
+                return _read(path, template, validate)
+            except CheckpointError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+                warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
     if paths:
         raise NoReadableCheckpoint(
             f"none of the {len(paths)} checkpoints in {directory} can be read (see the "

@@ -18,15 +18,9 @@ def _check(args) -> int:
     from jaxbptt import check
 
     start = time.perf_counter()
-    results = []
     cells = [(c, v) for c, v in check.CELLS if not args.cell or c in args.cell]
-    total = len(cells) * sum(len(check.dtypes_for(d)) for d in check.devices())
-    for device in check.devices():
-        for dtype in check.dtypes_for(device):
-            for cell, variant in cells:
-                print(f"[{len(results) + 1}/{total}] {cell} {variant} {dtype} "
-                      f"{device.platform}", file=sys.stderr, flush=True)
-                results.append(check.check_one(cell, variant, dtype, device, args.seed))
+    results = check.run_all(args.seed, args.cell, lambda i, total, label: print(
+        f"[{i}/{total}] {label}", file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - start
     failed = [r for r in results if not r.ok]
     if args.json:
@@ -125,10 +119,9 @@ def _train(args) -> int:
     except FloatingPointError as e:
         print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    ckpts = checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))
     if summary["interrupted"]:
         print(f"interrupted at step {summary['stopped_at']} of {config.steps}; saved "
-              f"{ckpts[-1]}. Run the same command to resume.", file=sys.stderr)
+              f"{summary['checkpoint']}. Run the same command to resume.", file=sys.stderr)
         return 130
     if summary.get("samples"):
         print("sampled names: " + ", ".join(summary["samples"]))
@@ -140,7 +133,7 @@ def _train(args) -> int:
     print(f"trained {config.task} {config.cell.upper()} ({config.backward}) steps "
           f"{summary['resumed_from']}->{config.steps}: loss {summary['first_loss']:.4f} -> "
           f"{summary['final_loss']:.4f} {unit} (baseline {summary['baseline']:.4f}) in "
-          f"{summary['seconds']:.1f} s; checkpoint {ckpts[-1]}"
+          f"{summary['seconds']:.1f} s; checkpoint {summary['checkpoint']}"
           + (f"; plot {summary['plot']}" if summary["plot"] else
              "; no plot (pip install 'jaxbptt[experiments]' for matplotlib)"))
     return 0

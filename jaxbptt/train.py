@@ -117,8 +117,8 @@ def sample_names(config: Config, params, key, n=8, max_len=20):
             return (jax.nn.one_hot(idx, vocab, dtype=x.dtype), state), idx
 
         x0 = jnp.zeros((n, vocab), jnp.float32)
-        _, hs0 = jax.eval_shape(lambda: fn(params["cell"], x0[None]))
-        state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), hs0)
+        _, state_shape = jax.eval_shape(lambda: fn(params["cell"], x0[None]))
+        state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_shape)
         _, ids = jax.lax.scan(body, (x0, state0), jax.random.split(key, max_len))
         return ids.T
 
@@ -227,7 +227,14 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _compatible(saved: dict, config: Config):
+def _compatible(meta: dict, config: Config):
+    """Refuses a checkpoint of another run; a manifest without this module's metadata
+    (edited by hand?) is unreadable (KeyError), and skipped like a corrupted one."""
+    for key in ("config", "history"):
+        if key not in meta:
+            raise KeyError(f"its metadata has no {key!r}")
+    saved = meta["config"]
+
     def same(k, v):
         if k == "T" and saved.get("task") == config.task and isinstance(saved.get(k), int):
             # 0 stands for the task's default T: the same run as that T written out
@@ -251,15 +258,22 @@ def train(config: Config, out: str, *, log=print, progress=True,
     ``exit_on_second_interrupt`` (as the command line does).
 
     Writes ``out/checkpoints/ckpt-*``, ``out/history.json`` and, with matplotlib,
-    ``out/loss.png``.
+    ``out/loss.png``. One run at a time trains in ``out``: a second raises
+    `checkpoint.Busy`.
     """
     task = tasks.get(config.task, config.T)
+    os.makedirs(out, exist_ok=True)
+    with checkpoint.locked(out, wait=False):
+        return _train(config, out, task, log, progress, exit_on_second_interrupt)
+
+
+def _train(config, out, task, log, progress, exit_on_second_interrupt):
     template = init(config, task)
     ckpt_dir = os.path.join(out, "checkpoints")
     put_params, put_batch = placement(config)
     try:
         found = checkpoint.restore_latest(ckpt_dir, template,
-                                          lambda meta: _compatible(meta["config"], config))
+                                          lambda meta: _compatible(meta, config))
     except checkpoint.NoReadableCheckpoint as e:
         raise checkpoint.NoReadableCheckpoint(f"{e}: move them away to start afresh") from None
     if found is None:
@@ -285,7 +299,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
         meta = {"config": dataclasses.asdict(config), "history": history,
                 "data_position": step * config.batch, "task_seed": config.seed,
                 "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
-        checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
+        return checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
 
     bar = Progress(config.steps, start, f"train {config.task} {config.cell}") if progress else None
 
@@ -307,6 +321,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
         history.extend(losses)
 
     pending, saved_at, done = [], start, start
+    saved_path = None if found is None else os.path.join(ckpt_dir, checkpoint.name(start))
     t0 = time.perf_counter()
     with _Interrupts(exit_on_second_interrupt) as interrupt:
         for step in range(start, config.steps):
@@ -321,8 +336,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
                 if bar is not None:
                     bar.update(done, f"loss {history[-1]:.4f}")
             if done % config.save_every == 0 or last:
-                save(done)
-                saved_at = done
+                saved_path, saved_at = save(done), done
             if stop:
                 break
             if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
@@ -334,7 +348,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
                "interrupted": done < config.steps,
                "first_loss": history[start] if len(history) > start else None,
                "final_loss": float(np.mean(history[-20:])) if history else None,
-               "baseline": task.baseline, "seconds": elapsed}
+               "baseline": task.baseline, "seconds": elapsed, "checkpoint": saved_path}
     if config.task == "charlm":
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state

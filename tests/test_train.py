@@ -112,6 +112,15 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path):
     os.remove(os.path.join(paths[-1], "manifest.json"))  # a half-written checkpoint
     with pytest.warns(UserWarning):
         assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
+    with open(arrays, "wb") as f:  # a good checkpoint whose manifest lost its history
+        f.write(data)
+    manifest_20 = json.load(open(os.path.join(paths[0], "manifest.json")))
+    del manifest_20["meta"]["history"]
+    json.dump({**manifest_20, "step": 40}, open(os.path.join(paths[-1], "manifest.json"), "w"))
+    with pytest.warns(UserWarning, match="ckpt-000000040: .*no 'history'"):
+        s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
+                        log=lambda *_: None, progress=False)
+    assert s["resumed_from"] == 20 and s["checkpoint"].endswith("ckpt-000000050")
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -245,4 +254,50 @@ def test_save_removes_stale_temporaries_and_keeps_the_umask(tmp_path):
         os.umask(previous)
     assert not stale.exists() and fresh.exists()
     assert os.stat(path).st_mode & 0o777 == 0o755  # as mkdir under the umask, not 0700
-    assert sorted(os.listdir(ckpt_dir)) == [".tmp-fresh", "ckpt-000000001"]
+    assert sorted(os.listdir(ckpt_dir)) == [".lock", ".tmp-fresh", "ckpt-000000001"]
+
+
+def test_one_run_at_a_time_in_an_output_directory(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with checkpoint.locked(str(out), wait=False):  # as a run training there holds it
+        with pytest.raises(checkpoint.Busy, match="in use by another process"):
+            _train(tmp_path, "run", task="charlm", steps=20)
+    assert not (out / "checkpoints").exists()
+    assert _train(tmp_path, "run", task="charlm", steps=20)["stopped_at"] == 20
+
+
+_SAVER = """
+import sys
+import numpy as np
+from jaxbptt import checkpoint
+for i in range(40):
+    checkpoint.save(sys.argv[1], 10 + i % 3, {"w": np.full(1000, float(sys.argv[2]))}, {})
+"""
+
+
+def test_concurrent_saves_replace_and_prune_safely(tmp_path):
+    # Two processes saving the same steps into one directory: every save lands whole
+    # (a replace or a prune never meets another half done), and the newest loads.
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path), str(k)],
+                              stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == [
+        "ckpt-000000010", "ckpt-000000011", "ckpt-000000012"]
+    tree, manifest = checkpoint.restore_latest(str(tmp_path), {"w": np.zeros(1000)})
+    assert manifest["step"] == 12 and float(tree["w"][0]) in (1.0, 2.0)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt-000000010", "ckpt-000000011",
+                                            "ckpt-000000012"]
+
+
+@pytest.mark.parametrize("task", ["charlm", "adding"])
+def test_the_step_is_traced_once_per_run(tmp_path, monkeypatch, task):
+    # Every batch has the same shapes and structure (charlm's lengths included), so
+    # the jitted step compiles once, not at some later step.
+    chex = pytest.importorskip("chex")
+    chex.clear_trace_counter()
+    monkeypatch.setattr(train, "loss_fn", chex.assert_max_traces(train.loss_fn, n=1))
+    assert _train(tmp_path, task, task=task, steps=45, T=8 if task == "adding" else 0)[
+        "stopped_at"] == 45
