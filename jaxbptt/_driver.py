@@ -311,6 +311,18 @@ def _masks(t, layout, B, opts):
     return valid, cut if valid is None else cut & valid
 
 
+@jax.custom_jvp
+def _tap(state, probe):
+    """``state``, with ``probe``'s tangent added to its own: the probe's values are never
+    read (NaN or inf included), and its gradient is the state's."""
+    return state
+
+
+@_tap.defjvp
+def _tap_jvp(primals, tangents):
+    return primals[0], tangents[0] + tangents[1]
+
+
 def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
     """The forward over one chunk; ``emit(new, res)`` chooses what each step stacks.
 
@@ -324,8 +336,8 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
         if cut is not None:
             carry = _where(cut, lax.stop_gradient(carry), carry)
         new, res_t = step(carry, zx_t)
-        if probe_t is not None:  # a gradient tap: adds zero, whatever the probe holds
-            new = jax.tree.map(lambda s, p: s + (p - lax.stop_gradient(p)), new, probe_t)
+        if probe_t is not None:
+            new = jax.tree.map(_tap, new, probe_t)
         if valid is not None:
             new = _where(valid, new, carry)
         return new, emit(new, res_t)

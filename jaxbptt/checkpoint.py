@@ -2,8 +2,8 @@
 
 A checkpoint is a directory ``ckpt-<step>``, written under a temporary name and
 renamed into place (atomic on POSIX), after ``fsync``: a crash mid-save leaves a
-stray temporary directory (removed by a later save), never a checkpoint that loads
-wrong. The manifest
+stray temporary directory (removed by the next save), never a checkpoint that loads
+wrong. Saves hold an exclusive lock of the directory, restores a shared one. The manifest
 records the SHA-256 of the arrays file, the array shapes and dtypes, and the
 caller's metadata (step, config, RNG key, data position, loss history...).
 Restoring needs a template pytree (a freshly initialised state of the same
@@ -35,7 +35,7 @@ except ImportError:  # not POSIX
 
 PREFIX = "ckpt-"
 _TMP = ".tmp-"
-_STALE_AFTER = 600.0  # seconds: a temporary directory untouched this long is not in use
+_STALE_AFTER = 600.0  # seconds: without flock, a temporary untouched this long is a dead save's
 
 
 class CheckpointError(ValueError):
@@ -74,32 +74,15 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
     """
     os.makedirs(directory, exist_ok=True)
     leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-    started = time.time()
-    tmp = os.path.join(directory, f"{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)  # unlike mkdtemp's 0700, the mode the user's umask gives
-    try:
-        arrays = os.path.join(tmp, "arrays.npz")
-        with open(arrays, "wb") as f:
-            np.savez(f, **{f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
-            f.flush()
-            os.fsync(f.fileno())
-        manifest = {
-            "step": int(step),
-            "sha256": _sha256(arrays),
-            "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
-            "meta": meta,
-        }
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     final = os.path.join(directory, name(step))
-    with locked(directory):  # one writer at a time renames, replaces and prunes
+    with locked(directory) as held:  # one save at a time, from writing to pruning
+        tmp = os.path.join(directory, f"{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+        # (with the lock held, any other temporary is a killed save's; without flock,
+        # one untouched for a while)
+        _remove_stale_temporaries(directory, None if held else time.time() - _STALE_AFTER)
+        os.mkdir(tmp)  # unlike mkdtemp's 0700, the mode the user's umask gives
         try:
+            _write(tmp, step, leaves, meta)
             if os.path.lexists(final) and not os.path.isdir(final):
                 raise CheckpointError(f"{final} is in the way of this run's checkpoint and is "
                                       "not a checkpoint directory: move it away")
@@ -112,28 +95,48 @@ def save(directory, step: int, tree, meta: dict, keep: int = 3) -> str:
             raise
         finally:
             shutil.rmtree(tmp + "-replaced", ignore_errors=True)
-        _remove_stale_temporaries(directory, started - _STALE_AFTER)
         earlier = [p for p in list_checkpoints(directory) if _step(p) < step]
         for old in earlier[:len(earlier) - (keep - 1)] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _write(tmp, step, leaves, meta):
+    """The arrays and the manifest, flushed to disk, in the directory ``tmp``."""
+    arrays = os.path.join(tmp, "arrays.npz")
+    with open(arrays, "wb") as f:
+        np.savez(f, **{f"leaf_{i:05d}": x for i, x in enumerate(leaves)})
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {
+        "step": int(step),
+        "sha256": _sha256(arrays),
+        "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
+        "meta": meta,
+    }
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
 @contextlib.contextmanager
 def locked(directory, shared=False, wait=True):
-    """Holds ``directory/.lock`` (POSIX ``flock``; nothing where there is none).
+    """Holds ``directory/.lock`` (POSIX ``flock``); yields whether it does.
 
-    A save holds it exclusively while it renames, replaces and prunes, a restore
-    shared while it reads, so that neither sees the other half done; a training run
-    holds its output directory's without ``wait``, so that a second run there is
-    refused (`Busy`) instead of writing over the first.
+    A save holds it exclusively, a restore shared while it reads, so that neither
+    sees the other half done; a training run holds its output directory's without
+    ``wait``, so that a second run there is refused (`Busy`) instead of writing over
+    the first. Where there is no lock to take (no ``fcntl``, a read-only directory,
+    a filesystem without ``flock``) it holds nothing: saves are still atomic.
     """
     try:
         f = None if fcntl is None else open(os.path.join(directory, ".lock"), "a")
     except OSError:  # a read-only directory: nothing writes there meanwhile
         f = None
-    if f is None:  # (or no flock on this platform: saves are still atomic)
-        yield
+    if f is None:
+        yield False
         return
     with f:
         try:
@@ -142,20 +145,26 @@ def locked(directory, shared=False, wait=True):
         except BlockingIOError:
             raise Busy(f"{directory} is in use by another process (another run training "
                        "there?): wait for it to finish, or use another directory") from None
+        except OSError as e:  # ENOLCK, ENOSYS...: this filesystem has no flock
+            warnings.warn(f"cannot lock {directory} ({e.strerror or e}): going on without",
+                          stacklevel=3)
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _remove_stale_temporaries(directory, before):
+def _remove_stale_temporaries(directory, before=None):
     """Deletes the temporary directories of saves that were killed (SIGKILL, power
-    loss) before they could clean up: those last modified before ``before``."""
+    loss) before they could clean up: all of them, or those last modified before
+    ``before``."""
     for n in os.listdir(directory):
         path = os.path.join(directory, n)
         try:
             if (n.startswith(_TMP) and os.path.isdir(path) and not os.path.islink(path)
-                    and os.path.getmtime(path) < before):
+                    and (before is None or os.path.getmtime(path) < before)):
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:  # removed meanwhile
             pass

@@ -203,7 +203,7 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     """
     cell, spec = _cell(params)
     n_a, n_x, dtype = _checks.params(params, spec)
-    xs = _checks.time_major(xs, time_major)
+    xs = _checks.time_major(xs, _checks.flag("time_major", time_major))
     T, B = _checks.sequence(xs, n_x, dtype, time_major)
     return plan(T, footprint(cell, params, B, n_x, n_a, dtype), budget,
                 _driver.default_chunk(cell, B, n_a, dtype))

@@ -237,9 +237,13 @@ def test_progress_bar_is_cleared_before_other_output():
     assert stream.getvalue() == drawn + "step 10: a sample\n" + drawn[:-len("\r\033[K")]
 
 
-def test_save_removes_stale_temporaries_and_keeps_the_umask(tmp_path):
-    # A save killed by SIGKILL leaves its temporary directory behind; a later save
-    # removes it once it is old, and never one that may belong to a save in progress.
+@pytest.mark.parametrize("flock", [True, False])
+def test_save_removes_stale_temporaries_and_keeps_the_umask(tmp_path, monkeypatch, flock):
+    # A save killed by SIGKILL leaves its temporary directory behind. A save holds the
+    # directory's lock from writing to pruning, so under it any other temporary is a
+    # dead save's; without flock, only one untouched for a while is taken as one.
+    if not flock:
+        monkeypatch.setattr(checkpoint, "fcntl", None)
     ckpt_dir = str(tmp_path)
     stale, fresh = tmp_path / ".tmp-stale", tmp_path / ".tmp-fresh"
     for d in (stale, fresh):
@@ -252,9 +256,23 @@ def test_save_removes_stale_temporaries_and_keeps_the_umask(tmp_path):
         path = checkpoint.save(ckpt_dir, 1, {"w": np.ones(3)}, {})
     finally:
         os.umask(previous)
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() != flock
     assert os.stat(path).st_mode & 0o777 == 0o755  # as mkdir under the umask, not 0700
-    assert sorted(os.listdir(ckpt_dir)) == [".lock", ".tmp-fresh", "ckpt-000000001"]
+    assert sorted(n for n in os.listdir(ckpt_dir) if n != ".lock") == (
+        ["ckpt-000000001"] if flock else [".tmp-fresh", "ckpt-000000001"])
+
+
+def test_a_filesystem_without_flock_still_saves(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
+        checkpoint.save(str(tmp_path), 1, {"w": np.ones(3)}, {})
+    with pytest.warns(UserWarning, match="cannot lock"):
+        assert checkpoint.restore_latest(str(tmp_path), {"w": np.zeros(3)})[1]["step"] == 1
 
 
 def test_one_run_at_a_time_in_an_output_directory(tmp_path):
