@@ -61,11 +61,13 @@ def predict(params: OutputParams, hs):
 
 
 def _nll(params, hs, labels):
-    """-log ŷ[label] at every position (0 where the label is outside [0, n_y)), and log ŷ."""
+    """-log ŷ[label] at every position (0 where the label is outside [0, n_y)), log ŷ and
+    the hs used: zero at those positions, so that not even a NaN there reaches a gradient."""
+    hs = jnp.where(_known(labels, params.Wya.shape[0])[..., None], hs, 0)
     logp = jax.nn.log_softmax(logits(params, hs), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.clip(labels, 0, logp.shape[-1] - 1)[..., None],
                                  axis=-1)[..., 0]
-    return jnp.where(_known(labels, logp.shape[-1]), -picked, 0), logp
+    return jnp.where(_known(labels, logp.shape[-1]), -picked, 0), logp, hs
 
 
 def _known(labels, n_y):
@@ -78,7 +80,7 @@ def _xent(params, hs, labels, weights):
 
 
 def _xent_fwd(params, hs, labels, weights):
-    nll, logp = _nll(params, hs, labels)
+    nll, logp, hs = _nll(params, hs, labels)
     return jnp.sum(weights * nll), (params, hs, labels, weights, nll, logp)
 
 

@@ -100,6 +100,12 @@ def test_labels_outside_the_classes_count_for_nothing():
     ref = grad(out, hs, labels, weights * mask, "autodiff")
     for backward in ("bptt", "autodiff"):
         assert rel_err(grad(out, hs, bad, weights, backward), ref) < 1e-12, backward
+    # Not even a NaN there reaches the loss or a gradient (dhs is zero there).
+    nan = hs.at[0, 0].set(jnp.nan).at[4, 2].set(jnp.inf)
+    for backward in ("bptt", "autodiff"):
+        value, (d_out, d_hs) = grad(out, nan, bad, weights, backward)
+        assert rel_err((value, d_out), (ref[0], ref[1][0])) < 1e-12, backward
+        assert rel_err(d_hs, ref[1][1] * mask[..., None]) < 1e-12, backward
 
 
 def test_labels_of_a_narrow_integer_type():
