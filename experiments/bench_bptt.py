@@ -50,6 +50,7 @@ Writes results/bench_bptt.json and results/bench_memory_vs_T.png
 import argparse
 import importlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -247,7 +248,8 @@ def rel_err(got, ref):
     """max over leaves of max|got - ref| / max|ref| (as ``jaxbptt check``)."""
     errs = jax.tree.map(lambda g, r: float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-30)),
                         got, ref)
-    return max(jax.tree.leaves(errs))
+    errs = jax.tree.leaves(errs)
+    return float("inf") if not all(map(math.isfinite, errs)) else max(errs)
 
 
 def summarize(cell, shape, variants, times, faults, peak_gflops):

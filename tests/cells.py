@@ -80,5 +80,7 @@ def rel_err(a, b):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         scale = np.max(np.abs(y))
         err = np.max(np.abs(x - y))
+        if not np.isfinite(err):  # a NaN or inf in either is never close (and Python's
+            return float("inf")  # max() would drop a NaN)
         worst = max(worst, err / scale if scale > 0 else err)
     return worst

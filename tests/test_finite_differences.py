@@ -24,8 +24,10 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell,options", [
+    (cell, options) if options == "default" or cell in ("lstm", "gru-cudnn") else
+    pytest.param(cell, options, marks=pytest.mark.slow)
+    for cell in CELLS for options in OPTIONS])
 def test_check_grads(cell, options):
     fn, params, xs, state0 = make(cell, 5, 2, 3, 3)
     loss = jax.jit(loss_fn(fn, params, xs, state0, backward="bptt", **OPTIONS[options]))

@@ -310,7 +310,7 @@ def test_concurrent_saves_replace_and_prune_safely(tmp_path):
                                             "ckpt-000000012"]
 
 
-@pytest.mark.parametrize("task", ["charlm", "adding"])
+@pytest.mark.parametrize("task", ["charlm", pytest.param("adding", marks=pytest.mark.slow)])
 def test_the_step_is_traced_once_per_run(tmp_path, monkeypatch, task):
     # Every batch has the same shapes and structure (charlm's lengths included), so
     # the jitted step compiles once, not at some later step.

@@ -47,8 +47,10 @@ SECOND_ORDER = {
 }
 
 
-@pytest.mark.parametrize("options", SECOND_ORDER)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell,options", [
+    (cell, options) if options == "default" or cell in ("lstm", "gru-cudnn") else
+    pytest.param(cell, options, marks=pytest.mark.slow)
+    for cell in CELLS for options in SECOND_ORDER])
 def test_reverse_over_reverse(cell, options):
     # grad of a function of grad: a gradient-norm penalty, as in WGAN-GP or
     # double backprop. The backward rule is itself differentiated.
