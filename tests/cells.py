@@ -6,11 +6,22 @@ Arrays are drawn with NumPy (no JAX compilation), then handed to JAX.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxbptt as jb
 
 CELLS = ("rnn", "lstm", "gru-course", "gru-cudnn")
 FN = {"rnn": jb.rnn, "lstm": jb.lstm, "gru-course": jb.gru, "gru-cudnn": jb.gru}
+
+
+def sweep(options, in_ci=("lstm", "gru-cudnn")):
+    """``(cell, option-set name)`` pairs for ``pytest.mark.parametrize("cell,options")``:
+    every cell with the first (default) set, and the other sets for the cells ``in_ci``;
+    the rest are marked slow (``--runslow``)."""
+    first = next(iter(options))
+    return [(cell, name) if name == first or cell in in_ci else
+            pytest.param(cell, name, marks=pytest.mark.slow)
+            for cell in CELLS for name in options]
 
 
 def params(cell, n_x, n_a, dtype=np.float64, seed=0):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 from jax.test_util import check_grads
 
-from cells import CELLS, loss_fn, make
+from cells import loss_fn, make, sweep
 
 # Central differences with eps = 1e-6 are good to about eps² + 1e-16/eps; every
 # cell agrees to 1e-8 or better, so that is the tolerance (check_grads' float64
@@ -24,10 +24,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("cell,options", [
-    (cell, options) if options == "default" or cell in ("lstm", "gru-cudnn") else
-    pytest.param(cell, options, marks=pytest.mark.slow)
-    for cell in CELLS for options in OPTIONS])
+@pytest.mark.parametrize("cell,options", sweep(OPTIONS))
 def test_check_grads(cell, options):
     fn, params, xs, state0 = make(cell, 5, 2, 3, 3)
     loss = jax.jit(loss_fn(fn, params, xs, state0, backward="bptt", **OPTIONS[options]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxbptt as jb
-from cells import CELLS, cotangents, make, rel_err
+from cells import cotangents, make, rel_err, sweep
 
 OPTIONS = {
     "default": {},
@@ -23,10 +23,7 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("cell,options", [
-    (cell, options) if options == "default" or cell == "lstm" else
-    pytest.param(cell, options, marks=pytest.mark.slow)
-    for cell in CELLS for options in OPTIONS])
+@pytest.mark.parametrize("cell,options", sweep(OPTIONS, in_ci=("lstm",)))
 def test_strict_dtype_promotion(cell, options):
     fn, params, xs, state0 = make(cell, 7, 2, 3, 4)
     dhs, dfin = cotangents(fn, params, xs, state0)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cells import CELLS, loss_fn, make, rel_err
+from cells import CELLS, loss_fn, make, rel_err, sweep
 
 TOL = 1e-12
 
@@ -47,10 +47,7 @@ SECOND_ORDER = {
 }
 
 
-@pytest.mark.parametrize("cell,options", [
-    (cell, options) if options == "default" or cell in ("lstm", "gru-cudnn") else
-    pytest.param(cell, options, marks=pytest.mark.slow)
-    for cell in CELLS for options in SECOND_ORDER])
+@pytest.mark.parametrize("cell,options", sweep(SECOND_ORDER))
 def test_reverse_over_reverse(cell, options):
     # grad of a function of grad: a gradient-norm penalty, as in WGAN-GP or
     # double backprop. The backward rule is itself differentiated.
