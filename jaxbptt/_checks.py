@@ -8,6 +8,7 @@ XLA sees anything: a clear ``ValueError`` (shapes, ranks) or ``TypeError``
 from __future__ import annotations
 
 import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
