@@ -18,9 +18,9 @@ def _check(args) -> int:
     from jaxbptt import check
 
     start = time.perf_counter()
-    cells = [(c, v) for c, v in check.CELLS if not args.cell or c in args.cell]
     results = check.run_all(args.seed, args.cell, lambda i, total, label: print(
         f"[{i}/{total}] {label}", file=sys.stderr, flush=True))
+    cells = list(dict.fromkeys((r.cell, r.variant) for r in results))
     elapsed = time.perf_counter() - start
     failed = [r for r in results if not r.ok]
     if args.json:

@@ -117,8 +117,9 @@ def _np(tensor):
 def _np_dtype(torch_dtype):
     import torch
 
-    return np.dtype(jnp.bfloat16) if torch_dtype == torch.bfloat16 else \
-        torch.empty((), dtype=torch_dtype).numpy().dtype
+    if torch_dtype == torch.bfloat16:
+        return np.dtype(jnp.bfloat16)
+    return torch.empty((), dtype=torch_dtype).numpy().dtype
 
 
 def _cell_from_torch(mode, w_ih, w_hh, b_ih, b_hh):

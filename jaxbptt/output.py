@@ -40,8 +40,9 @@ def _check(params, hs):
     if len(shape_w) != 2 or shape_b != shape_w[:1]:
         raise ValueError(f"OutputParams must be Wya (n_y, n_a) and by (n_y,), got "
                          f"Wya {shape_w} and by {shape_b}")
-    if len(_checks.shape_dtype("hs", hs)[0]) < 1 or hs.shape[-1] != shape_w[1]:
-        raise ValueError(f"hs has shape {tuple(hs.shape)} but Wya {shape_w} expects "
+    shape_h, _ = _checks.shape_dtype("hs", hs)
+    if not shape_h or shape_h[-1] != shape_w[1]:
+        raise ValueError(f"hs has shape {shape_h} but Wya {shape_w} expects "
                          f"n_a={shape_w[1]} on the last axis")
     dtypes = {params.Wya.dtype, params.by.dtype, hs.dtype}
     if len(dtypes) != 1 or not jnp.issubdtype(hs.dtype, jnp.floating):
@@ -63,11 +64,12 @@ def predict(params: OutputParams, hs):
 def _nll(params, hs, labels):
     """-log ŷ[label] at every position (0 where the label is outside [0, n_y)), log ŷ and
     the hs used: zero at those positions, so that not even a NaN there reaches a gradient."""
-    hs = jnp.where(_known(labels, params.Wya.shape[0])[..., None], hs, 0)
+    n_y = params.Wya.shape[0]
+    known = _known(labels, n_y)
+    hs = jnp.where(known[..., None], hs, 0)
     logp = jax.nn.log_softmax(logits(params, hs), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.clip(labels, 0, logp.shape[-1] - 1)[..., None],
-                                 axis=-1)[..., 0]
-    return jnp.where(_known(labels, logp.shape[-1]), -picked, 0), logp, hs
+    picked = jnp.take_along_axis(logp, jnp.clip(labels, 0, n_y - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(known, -picked, 0), logp, hs
 
 
 def _known(labels, n_y):

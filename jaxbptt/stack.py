@@ -32,14 +32,12 @@ def _directions(layer):
 
 def _describe(layers):
     """(cell fn, params type, D, n_a) shared by every layer, or a clear error."""
-    if not isinstance(layers, (tuple, list)) or not layers or type(layers) in _CELLS or (
-            isinstance(layers, Bidirectional)):
+    one = type(layers) in _CELLS or isinstance(layers, Bidirectional)  # not in a tuple
+    if one or not isinstance(layers, (tuple, list)) or not layers:
         raise TypeError("layers must be a non-empty tuple with one entry per layer, each a "
                         "cell's params or a Bidirectional(fwd, bwd) pair, got "
-                        f"{type(layers).__name__}" + (
-                            f" (one layer: pass ({type(layers).__name__}(...),))"
-                            if type(layers) in _CELLS or isinstance(layers, Bidirectional)
-                            else ""))
+                        f"{type(layers).__name__}"
+                        + (f" (one layer: pass ({type(layers).__name__}(...),))" if one else ""))
     kinds = {type(p) for layer in layers for p in _directions(layer)}
     if len(kinds) != 1 or next(iter(kinds)) not in _CELLS:
         raise TypeError(f"every layer of a stack must hold params of one cell type "

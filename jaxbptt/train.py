@@ -299,7 +299,7 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         meta = {"config": dataclasses.asdict(config), "history": history,
                 "data_position": step * config.batch, "task_seed": config.seed,
                 "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
-        return checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
+        checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
 
     bar = Progress(config.steps, start, f"train {config.task} {config.cell}") if progress else None
 
@@ -321,7 +321,6 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         history.extend(losses)
 
     pending, saved_at, done = [], start, start
-    saved_path = None if found is None else os.path.join(ckpt_dir, checkpoint.name(start))
     t0 = time.perf_counter()
     with _Interrupts(exit_on_second_interrupt) as interrupt:
         for step in range(start, config.steps):
@@ -336,7 +335,8 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
                 if bar is not None:
                     bar.update(done, f"loss {history[-1]:.4f}")
             if done % config.save_every == 0 or last:
-                saved_path, saved_at = save(done), done
+                save(done)
+                saved_at = done
             if stop:
                 break
             if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
@@ -348,7 +348,9 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
                "interrupted": done < config.steps,
                "first_loss": history[start] if len(history) > start else None,
                "final_loss": float(np.mean(history[-20:])) if history else None,
-               "baseline": task.baseline, "seconds": elapsed, "checkpoint": saved_path}
+               "baseline": task.baseline, "seconds": elapsed,
+               "checkpoint": (os.path.join(ckpt_dir, checkpoint.name(saved_at)) if saved_at
+                              else None)}
     if config.task == "charlm":
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state
