@@ -1,8 +1,8 @@
 """jaxbptt: backpropagation through time for RNN, LSTM and GRU, derived by hand."""
 
+from jaxbptt import _driver
 from jaxbptt import interop as interop  # torch and flax are imported lazily
 from jaxbptt import slots as slots
-from jaxbptt._driver import POLICIES as RESIDUAL_POLICIES
 from jaxbptt.gru import GRUParams as GRUParams
 from jaxbptt.gru import gru as gru
 from jaxbptt.gru import init_gru as init_gru
@@ -22,5 +22,7 @@ from jaxbptt.stack import Bidirectional as Bidirectional
 from jaxbptt.stack import detach as detach
 from jaxbptt.stack import split_stream as split_stream
 from jaxbptt.stack import stack as stack
+
+RESIDUAL_POLICIES = _driver.POLICIES  # the named policies `residuals=` accepts
 
 __version__ = "0.1.0"

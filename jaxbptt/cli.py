@@ -124,7 +124,7 @@ def _train(args) -> int:
               f"{summary['checkpoint']}. Run the same command to resume.", file=sys.stderr)
         return 130
     if summary.get("samples"):
-        print("sampled names: " + ", ".join(summary["samples"]))
+        print("sampled names: " + train.listed(summary["samples"]))
     if summary["resumed_from"] >= config.steps:
         print(f"{out} already holds {summary['resumed_from']} steps of this run (asked "
               f"{config.steps}); nothing to do. Pass a larger --steps to train further.")

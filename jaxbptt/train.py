@@ -104,7 +104,11 @@ def make_step(config: Config, task):
 
 
 def sample_names(config: Config, params, key, n=8, max_len=20):
-    """Names sampled character by character from a charlm model (stateful sampling)."""
+    """Names sampled character by character from a charlm model (stateful sampling).
+
+    A name ends at the first end-of-name symbol, so one sampled first is ``""``;
+    a name still going after ``max_len`` characters ends in "…".
+    """
     fn = CELLS[config.cell][0]
     vocab = len(tasks.VOCAB)
 
@@ -127,6 +131,11 @@ def sample_names(config: Config, params, key, n=8, max_len=20):
         text = tasks.decode(row)
         out.append(text.split("\n")[0] if "\n" in text else text + "…")
     return out
+
+
+def listed(names):
+    """Sampled names on one line, an empty one shown as "(empty)"."""
+    return ", ".join(name or "(empty)" for name in names)
 
 
 def placement(config: Config):
@@ -340,7 +349,7 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
             if stop:
                 break
             if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
-                say(f"step {done}: " + ", ".join(
+                say(f"step {done}: " + listed(
                     sample_names(config, params, jax.random.fold_in(k_during, done))))
     elapsed = time.perf_counter() - t0
     summary = {"task": config.task, "cell": config.cell, "backward": config.backward,

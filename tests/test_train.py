@@ -319,3 +319,13 @@ def test_the_step_is_traced_once_per_run(tmp_path, monkeypatch, task):
     monkeypatch.setattr(train, "loss_fn", chex.assert_max_traces(train.loss_fn, n=1))
     assert _train(tmp_path, task, task=task, steps=45, T=8 if task == "adding" else 0)[
         "stopped_at"] == 45
+
+
+def test_a_name_ended_at_once_is_empty_and_listed_as_such():
+    config = train.Config(task="charlm", **SMALL)
+    params, _ = train.init(config, tasks.get("charlm"))
+    out = params["out"]
+    params["out"] = out._replace(by=out.by.at[tasks.VOCAB.index("\n")].set(50.0))
+    names = train.sample_names(config, params, jax.random.PRNGKey(0), n=3)
+    assert names == ["", "", ""]
+    assert train.listed(["ann", *names[:1]]) == "ann, (empty)"
