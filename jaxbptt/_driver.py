@@ -555,7 +555,8 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
                               lambda new, res: None)[0]
             return state, _write(buffer, slot[q + 1], state)
 
-        return lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer))
+        return _first_order_only(
+            lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer)))
 
     def slot_body(carry, chunk_in):
         (acc, buffer), (xs_k, ts, dh_k, (u, kept, probe_k)) = carry, chunk_in
@@ -588,6 +589,30 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     if with_probe:
         return (*grads, jax.tree.map(layout.unchunked, dstates))
     return grads
+
+
+@jax.custom_vjp
+def _first_order_only(tree):
+    """The identity, whose reverse derivative says why there is none: it marks the
+    slots' reruns, loops of a data-dependent trip count, which JAX cannot transpose
+    (so a gradient of the gradient would otherwise fail inside JAX's while_loop)."""
+    return tree
+
+
+def _first_order_only_fwd(tree):
+    return tree, None
+
+
+def _first_order_only_bwd(_, cotangent):
+    raise NotImplementedError(
+        "a gradient of the gradient is not available with slots=: the backward reruns "
+        "the forward from kept chunk starts a data-dependent number of times, a loop "
+        "reverse mode cannot differentiate. Use residuals='checkpoint' without slots "
+        "(nested chunk=(K1, K2, ...) also keeps little memory), or a policy name "
+        "instead of a byte budget that chose slots.")
+
+
+_first_order_only.defvjp(_first_order_only_fwd, _first_order_only_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
