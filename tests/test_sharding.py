@@ -105,7 +105,9 @@ def test_hlo_residuals_stay_sharded(report):
     "library: on a mesh with Auto axes the shardings are not in the types, so the "
     "chunked driver cannot type its dW accumulator unreduced (as it does on Explicit "
     "meshes, tested above), and XLA's CPU pipeline all-reduces the carry in every "
-    "iteration: ceil(T/K) all-reduces of the parameter gradients (3 at T=19, K=8)"))
+    "iteration: ceil(T/K) all-reduces of the parameter gradients (3 at T=19, K=8); "
+    "XLA's WhileLoopAllReduceCodeMotion pass, which hoists that pattern, is in its GPU "
+    "pipeline, not in the CPU one"))
 def test_hlo_bptt_reduces_once_after_the_loop(report):
     # Ideal: dW summed over all of T*B locally, then one all-reduce in the entry
     # computation, never inside a loop body. (backward="autodiff" all-reduces the
