@@ -293,11 +293,13 @@ class _Layout(NamedTuple):
     def valid(self):
         return jnp.arange(self.n * self.K, dtype=jnp.int32)[:, None] < self.lengths[None, :]
 
-    def inputs(self, xs):
-        """xs chunked, zero on padded steps (which may hold garbage or inf)."""
-        if self.lengths is not None:
-            xs = jnp.where(self.valid()[: xs.shape[0], :, None], xs, 0)
-        return self.chunked(xs)
+    def zeroed(self, xs_k, ts):
+        """A block of inputs (K, B, n_x) at times ``ts`` (K,), zero on padded steps (which
+        may hold garbage or inf): masked block by block, so that lengths cost no copy of
+        all of xs."""
+        if self.lengths is None:
+            return xs_k
+        return jnp.where((ts[:, None] < self.lengths[None, :])[..., None], xs_k, 0)
 
 
 def _masks(t, layout, B, opts):
@@ -443,7 +445,8 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
 
     def chunk_body(carry, chunk_in):
         (carry, buffer), (xs_k, ts, probe_k, slot) = carry, chunk_in
-        end, ys = _run_span(cell, f, layout, B, opts, carry, xs_k, ts, probe_k, emit)
+        end, ys = _run_span(cell, f, layout, B, opts, carry, layout.zeroed(xs_k, ts), ts,
+                            probe_k, emit)
         if buffer is not None:  # the starts the schedule keeps go to their slots
             return (end, _write(buffer, slot, carry)), (ys, None)
         return (end, None), (ys, carry if "starts" in keep else None)
@@ -455,7 +458,7 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
         slot_of_chunk = _by_chunk(plan.slot, opts)
     (carry_T, buffer), (ys, starts) = lax.scan(
         chunk_body, (carry0, buffer),
-        (layout.inputs(xs), layout.times(), probe_c, slot_of_chunk), reverse=opts.reverse)
+        (layout.chunked(xs), layout.times(), probe_c, slot_of_chunk), reverse=opts.reverse)
     starts = buffer if plan is not None else starts
     ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
     hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.T]
@@ -519,6 +522,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     def chunk_body(acc, chunk_in, levels=opts.levels):
         dcarry, df = acc
         xs_k, ts, dh_k, (start, kept, probe_k) = chunk_in  # kept: a Saved of this chunk
+        xs_k = layout.zeroed(xs_k, ts)
         if levels:
             return nested(acc, xs_k, ts, dh_k, start, probe_k, levels)
         if opts.residuals == "checkpoint":  # rerun this chunk's forward from its first state
@@ -541,7 +545,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
         return (dcarry, jax.tree.map(jnp.add, df, df_k)), (dxs_k, dstates)
 
-    plan, xs_c, times = _schedule(layout, opts), layout.inputs(xs), layout.times()
+    plan, xs_c, times = _schedule(layout, opts), layout.chunked(xs), layout.times()
 
     def rerun_to(buffer, u):
         """The state entering chunk u (counted in the order the forward runs them),
@@ -551,7 +555,8 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         def body(q, state_buffer):
             state, buffer = state_buffer
             c = layout.n - 1 - q if opts.reverse else q
-            state = _run_span(cell, f, layout, B, opts, state, xs_c[c], times[c], None,
+            state = _run_span(cell, f, layout, B, opts, state,
+                              layout.zeroed(xs_c[c], times[c]), times[c], None,
                               lambda new, res: None)[0]
             return state, _write(buffer, slot[q + 1], state)
 
