@@ -114,7 +114,7 @@ def default_chunk(cell, B, n_a, dtype):
 
 def chunk_size(T, opts):
     """Steps per chunk: ``opts.chunk``, else the policy's K, moved to a divisor of T
-    within a factor of two when there is one (padded steps would cost a mask per step).
+    between K // 2 and 2 K when there is one (padded steps would cost a mask per step).
 
     A nest's outer chunk longer than T is cut to the multiple of the next size that
     holds T (T is then padded, as it is when the chunks do not divide it)."""
