@@ -244,6 +244,13 @@ def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def _accumulator(tree):
+    """Zeros like ``tree`` in float32 at least: the weight gradients summed over the chunks
+    (in bfloat16 or float16, a sum of many chunks' products would lose their low bits)."""
+    return jax.tree.map(
+        lambda w: jnp.zeros_like(w, dtype=jnp.promote_types(w.dtype, jnp.float32)), tree)
+
+
 def _batched_like(zeros, deps):
     """``zeros`` unchanged, but batched under ``vmap`` whenever anything in ``deps`` is.
 
@@ -543,7 +550,8 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)
         df_k, dxs_k = cell.chunk_grads(f, xs_k, prevs, res, dz)
-        return (dcarry, jax.tree.map(jnp.add, df, df_k)), (dxs_k, dstates)
+        df = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), df, df_k)
+        return (dcarry, df), (dxs_k, dstates)
 
     plan, xs_c, times = _schedule(layout, opts), layout.chunked(xs), layout.times()
 
@@ -576,7 +584,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
                              carry0)
     kept = jax.tree.map(layout.chunked, saved._replace(starts=None))  # (n, K, ...)
-    df = _varying_like(_zeros(f), xs)
+    df = _varying_like(_accumulator(f), xs)
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
         df = _batched_like(df, (f, xs, dhs, dcarry_T, carry0, lengths, saved, probe))
@@ -590,6 +598,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     dcarry0, df = out if plan is None else out[0]
     if rows:
         df = jax.tree.map(lambda g: jax.reshard(g, _on_mesh_of(xs)), df)
+    df = jax.tree.map(lambda g, w: g.astype(w.dtype), df, f)
     grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
     if with_probe:
         return (*grads, jax.tree.map(layout.unchunked, dstates))

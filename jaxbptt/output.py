@@ -76,18 +76,24 @@ def _known(labels, n_y):
     return (labels >= 0) & (labels < n_y)
 
 
+def _total(weighted):
+    """The sum over positions, in float32 at least: a float16 sum overflows past 65504."""
+    return jnp.sum(weighted, dtype=jnp.promote_types(weighted.dtype, jnp.float32))
+
+
 @jax.custom_vjp
 def _xent(params, hs, labels, weights):
-    return jnp.sum(weights * _nll(params, hs, labels)[0])
+    return _total(weights * _nll(params, hs, labels)[0])
 
 
 def _xent_fwd(params, hs, labels, weights):
     nll, logp, hs = _nll(params, hs, labels)
-    return jnp.sum(weights * nll), (params, hs, labels, weights, nll, logp)
+    return _total(weights * nll), (params, hs, labels, weights, nll, logp)
 
 
 def _xent_bwd(saved, g):
     params, hs, labels, weights, nll, logp = saved
+    g = g.astype(logp.dtype)  # (the loss may be wider than hs: see _total)
     y = jax.nn.one_hot(labels, logp.shape[-1], dtype=logp.dtype)
     w = jnp.where(_known(labels, logp.shape[-1]), g * weights, 0)  # other labels count for 0
     dz = w[..., None] * (jnp.exp(logp) - y)  # ŷ - y
@@ -113,7 +119,8 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
         for JAX's.
 
     Returns:
-      The summed cross-entropy, a scalar.
+      The summed cross-entropy, a scalar: in hs's dtype, or in float32 for bfloat16 and
+      float16 hs (a float16 sum overflows past 65504). The gradients keep hs's dtype.
     """
     _check(params, hs)
     _checks.backward_mode(backward)
@@ -134,4 +141,4 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
         raise TypeError(f"weights must have hs's dtype {hs.dtype}, got {weights.dtype}")
     if backward == "bptt":
         return _xent(params, hs, labels, weights)
-    return jnp.sum(weights * _nll(params, hs, labels)[0])
+    return _total(weights * _nll(params, hs, labels)[0])
