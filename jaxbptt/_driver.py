@@ -244,11 +244,15 @@ def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def at_least_float32(dtype):
+    """``dtype``, or float32 for a narrower float (no promotion rule asked: strict-safe)."""
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def _accumulator(tree):
     """Zeros like ``tree`` in float32 at least: the weight gradients summed over the chunks
     (in bfloat16 or float16, a sum of many chunks' products would lose their low bits)."""
-    return jax.tree.map(
-        lambda w: jnp.zeros_like(w, dtype=jnp.promote_types(w.dtype, jnp.float32)), tree)
+    return jax.tree.map(lambda w: jnp.zeros_like(w, dtype=at_least_float32(w.dtype)), tree)
 
 
 def _batched_like(zeros, deps):

@@ -78,7 +78,7 @@ def _known(labels, n_y):
 
 def _total(weighted):
     """The sum over positions, in float32 at least: a float16 sum overflows past 65504."""
-    return jnp.sum(weighted, dtype=jnp.promote_types(weighted.dtype, jnp.float32))
+    return jnp.sum(weighted, dtype=_driver.at_least_float32(weighted.dtype))
 
 
 @jax.custom_vjp
