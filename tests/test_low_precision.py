@@ -32,8 +32,8 @@ OPTIONS = {"default": {}, "nested": dict(residuals="checkpoint", chunk=(8, 1))}
 
 @pytest.mark.parametrize("dtype", sorted(BOUND))
 @pytest.mark.parametrize("cell,options", [
-    (c, o) if (c, o) in {("lstm", "default"), ("lstm", "nested"), ("gru-cudnn", "default")}
-    else pytest.param(c, o, marks=pytest.mark.slow) for c in CELLS for o in OPTIONS])
+    (c, o) if c == "lstm" else pytest.param(c, o, marks=pytest.mark.slow)
+    for c in CELLS for o in OPTIONS])
 def test_low_precision_gradients(cell, options, dtype):
     # "nested": the weight gradients of T one-step sub-chunks, summed (in float32).
     fn, params, xs, state0 = make(cell, 64, 8, 8, 32)
