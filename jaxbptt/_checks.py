@@ -158,14 +158,18 @@ def lengths(x, B, T):
     return jnp.clip(x, 0, T).astype(jnp.int32)
 
 
+def positive_int(name, k, accepted=""):
+    """A positive Python or NumPy int (not a bool) as an int, or a ValueError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"{name} must be a positive int{accepted}, got {k!r}")
+    return int(k)
+
+
 def _static_steps(name, k):
     """``None`` or a positive int (a static number of steps)."""
     if k is None:
         return None
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"{name} must be a positive int (a static number of steps) or "
-                         f"None, got {k!r}")
-    return int(k)
+    return positive_int(name, k, " (a static number of steps) or None")
 
 
 def truncate(k):

@@ -533,7 +533,8 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     def chunk_body(acc, chunk_in, levels=opts.levels):
         dcarry, df = acc
         xs_k, ts, dh_k, (start, kept, probe_k) = chunk_in  # kept: a Saved of this chunk
-        xs_k = layout.zeroed(xs_k, ts)
+        if len(levels) == len(opts.levels):  # the top level (a nest's sub-chunks come zeroed)
+            xs_k = layout.zeroed(xs_k, ts)
         if levels:
             return nested(acc, xs_k, ts, dh_k, start, probe_k, levels)
         if opts.residuals == "checkpoint":  # rerun this chunk's forward from its first state
@@ -621,7 +622,7 @@ def _first_order_only_fwd(tree):
     return tree, None
 
 
-def _first_order_only_bwd(_, cotangent):
+def _first_order_only_bwd(_, _cotangent):
     raise NotImplementedError(
         "a gradient of the gradient is not available with slots=: the backward reruns "
         "the forward from kept chunk starts a data-dependent number of times, a loop "

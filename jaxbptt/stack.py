@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbptt import _checks
 from jaxbptt.gru import GRUParams, gru
 from jaxbptt.lstm import LSTMParams, LSTMState, lstm
 from jaxbptt.rnn import RNNParams, rnn
@@ -148,9 +149,7 @@ def split_stream(stream, chunk: int):
     state, ``detach``-ed, and update the parameters between windows. A
     remainder shorter than ``chunk`` is dropped. Works on a pytree of streams.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    chunk = int(chunk)
+    chunk = _checks.positive_int("chunk", chunk)
 
     def cut(x):
         n = x.shape[0] // chunk
