@@ -24,7 +24,9 @@ A cell is a small static object (see ``rnn.py``, ``lstm.py``, ``gru.py``) supply
 ``zero_state(B, n_a, dtype)``, ``check_state(state, B, n_a, dtype)``.
 
 Time is cut into chunks of K steps: an outer ``lax.scan`` over chunks and an inner
-one over steps. Each chunk's input projection, and in the backward its weight and
+one over steps (when K does not divide T, the steps left form one shorter chunk,
+run after the scan: `_Layout.segments`). Each chunk reads its inputs (and output
+cotangents) in place. Its input projection, and in the backward its weight and
 input gradients, are one matmul over K*B rows, so nothing of size T*B*gates is
 ever materialised but what the residual policy keeps:
 
@@ -103,6 +105,7 @@ class Saved(NamedTuple):
     outputs: Any = None  # (T', ...) every output (hidden state), unmasked
     res: Any = None  # (T', ...) every step's residuals (gate activations)
     starts: Any = None  # (T'/K, ...) the state entering each chunk; with slots, (m+1, ...)
+    entry: Any = None  # the state entering the segment (None: the run's initial state)
 
 
 def default_chunk(cell, B, n_a, dtype):
@@ -114,10 +117,12 @@ def default_chunk(cell, B, n_a, dtype):
 
 def chunk_size(T, opts):
     """Steps per chunk: ``opts.chunk``, else the policy's K, moved to a divisor of T
-    between K // 2 and 2 K when there is one (padded steps would cost a mask per step).
+    between K // 2 and 2 K when there is one (else the steps left after the last whole
+    chunk run as a shorter chunk of their own: a second trace of the loops, see
+    `_Layout.segments`).
 
     A nest's outer chunk longer than T is cut to the multiple of the next size that
-    holds T (T is then padded, as it is when the chunks do not divide it)."""
+    holds T (T is then padded and masked)."""
     if opts.chunk is not None:
         K = min(opts.chunk, T)
         return -(-K // opts.levels[0]) * opts.levels[0] if opts.levels else K
@@ -270,39 +275,63 @@ def _batched_like(zeros, deps):
 
 
 class _Layout(NamedTuple):
-    """Time cut into n chunks of K steps; T' = n K >= T, the steps past T padding."""
+    """Steps ``start`` to ``start + n K`` of a run of T steps, in n chunks of K; steps
+    at T and past are padding (only a nest's last chunk has any: see `segments`)."""
 
     T: int
     K: int
     n: int
-    lengths: Any  # (B,) int or None; set to T when padding is needed
+    lengths: Any  # (B,) int or None; set to T when the segment is padded
+    start: int = 0
 
     @staticmethod
-    def of(xs, lengths, opts):
+    def segments(xs, lengths, opts):
+        """The run as at most two segments in time order: as many whole chunks of K as
+        T holds, then the r < K steps left, as one chunk of r steps (for a nest, of the
+        multiple of the next size that holds them, padded). No step is padded, and none
+        masked, but in a nest's last chunk; the price of the short chunk is a second
+        trace of the chunk's loops."""
         T, B = xs.shape[:2]
         K = chunk_size(T, opts)
-        n = -(-T // K)
-        if n * K != T and lengths is None:
-            lengths = jnp.full((B,), T, jnp.int32)
-        return _Layout(T, K, n, lengths)
+        n, r = divmod(T, K)
+        segments = [_Layout(T, K, n, lengths)] if n else []
+        if r:
+            K_r = -(-r // opts.levels[0]) * opts.levels[0] if opts.levels else r
+            if K_r != r and lengths is None:
+                lengths = jnp.full((B,), T, jnp.int32)
+            segments.append(_Layout(T, K_r, 1, lengths, n * K))
+        return segments
+
+    def steps(self):
+        """The steps of the run in this segment (fewer than n K if it is padded)."""
+        return min(self.n * self.K, self.T - self.start)
+
+    def reader(self, tree):
+        """``read(c)``: chunk c's blocks (K, ...) of the (T, ...) leaves of ``tree``,
+        sliced in place (a padded segment reads a padded copy of its own steps)."""
+        base = self.start
+        if self.start + self.n * self.K > self.T:
+            base, tree = 0, jax.tree.map(lambda x: self.chunked(x[self.start:]).reshape(
+                (-1,) + x.shape[1:]), tree)
+        return lambda c: jax.tree.map(
+            lambda x: lax.dynamic_slice_in_dim(x, base + c * self.K, self.K), tree)
 
     def chunked(self, x):
-        """(T, ...) -> (n, K, ...), zero-padded past T."""
+        """(steps, ...) -> (n, K, ...), zero-padded."""
         pad = self.n * self.K - x.shape[0]
         if pad:  # (a pad, not a concatenate: it keeps x's sharding)
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((self.n, self.K) + x.shape[1:])
 
     def unchunked(self, x, keep_padding=False):
-        """(n, K, ...) -> (T, ...), or (T', ...) with ``keep_padding``."""
+        """(n, K, ...) -> (steps, ...), or (n K, ...) with ``keep_padding``."""
         x = x.reshape((self.n * self.K,) + x.shape[2:])
-        return x if keep_padding else x[: self.T]
+        return x if keep_padding else x[: self.steps()]
 
-    def times(self):
-        return jnp.arange(self.n * self.K, dtype=jnp.int32).reshape(self.n, self.K)
-
-    def valid(self):
-        return jnp.arange(self.n * self.K, dtype=jnp.int32)[:, None] < self.lengths[None, :]
+    def times(self, c):
+        """The time index of each step of chunk c, (K,)."""
+        first = self.start + lax.convert_element_type(c, jnp.int32) * self.K
+        return first + jnp.arange(self.K, dtype=jnp.int32)
 
     def zeroed(self, xs_k, ts):
         """A block of inputs (K, B, n_x) at times ``ts`` (K,), zero on padded steps (which
@@ -311,6 +340,13 @@ class _Layout(NamedTuple):
         if self.lengths is None:
             return xs_k
         return jnp.where((ts[:, None] < self.lengths[None, :])[..., None], xs_k, 0)
+
+
+def _in_time_order(parts):
+    """Per-segment (steps, ...) pytrees joined over time (one segment: no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
 
 def _masks(t, layout, B, opts):
@@ -440,14 +476,32 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
             keep_residuals=True):
     """Runs ``cell`` over ``xs`` (T, B, n_x) from ``carry0``.
 
-    Returns ``(hs, carry_T, saved)`` with ``saved`` a `Saved` for the policy in
-    ``opts`` (``None`` when not ``keep_residuals``), over the padded time T'.
+    Returns ``(hs, carry_T, saved)`` with ``saved`` a tuple of one `Saved` for the
+    policy in ``opts`` per segment (`_Layout.segments`), in time order, over its
+    n K steps (``None`` when not ``keep_residuals``).
     """
-    B = xs.shape[1]
-    layout = _Layout.of(xs, lengths, opts)
     f = cell.fuse(params)
+    segments = _Layout.segments(xs, lengths, opts)
+    hs, saved, carry = [None] * len(segments), [None] * len(segments), carry0
+    for j in (reversed(range(len(segments))) if opts.reverse else range(len(segments))):
+        hs[j], end, saved[j] = _forward_segment(cell, f, segments[j], xs, carry, opts, probe,
+                                                keep_residuals)
+        if keep_residuals:
+            saved[j] = saved[j]._replace(entry=carry)
+        carry = end
+    hs = _in_time_order(hs)
+    if lengths is not None:  # (the kept outputs stay unmasked: they are states)
+        valid = jnp.arange(xs.shape[0], dtype=jnp.int32)[:, None] < lengths[None, :]
+        hs = jnp.where(valid[..., None], hs, 0)
+    return hs, carry, tuple(saved) if keep_residuals else None
+
+
+def _forward_segment(cell, f, layout, xs, carry0, opts, probe, keep_residuals):
+    """`forward` over one segment: ``(hs, carry, saved)`` of its steps."""
+    B = xs.shape[1]
     keep = _keeps(cell, opts.residuals) if keep_residuals else ()
     plan = _schedule(layout, opts) if keep_residuals else None
+    read_x, read_probe = layout.reader(xs), layout.reader(probe)
 
     def emit(new, res):  # what each step stacks: the outputs (in the states if kept)
         return Saved(states=new if "states" in keep else None,
@@ -455,26 +509,24 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
                      res=res if "res" in keep else None)
 
     def chunk_body(carry, chunk_in):
-        (carry, buffer), (xs_k, ts, probe_k, slot) = carry, chunk_in
-        end, ys = _run_span(cell, f, layout, B, opts, carry, layout.zeroed(xs_k, ts), ts,
-                            probe_k, emit)
+        (carry, buffer), (c, slot) = carry, chunk_in
+        ts = layout.times(c)
+        end, ys = _run_span(cell, f, layout, B, opts, carry, layout.zeroed(read_x(c), ts), ts,
+                            read_probe(c), emit)
         if buffer is not None:  # the starts the schedule keeps go to their slots
             return (end, _write(buffer, slot, carry)), (ys, None)
         return (end, None), (ys, carry if "starts" in keep else None)
 
-    probe_c = None if probe is None else jax.tree.map(layout.chunked, probe)
     buffer = slot_of_chunk = None
     if plan is not None:  # m slots and a scratch one, which takes the starts not kept
         buffer = jax.tree.map(lambda c: jnp.broadcast_to(c, (opts.slots + 1,) + c.shape), carry0)
         slot_of_chunk = _by_chunk(plan.slot, opts)
     (carry_T, buffer), (ys, starts) = lax.scan(
         chunk_body, (carry0, buffer),
-        (layout.chunked(xs), layout.times(), probe_c, slot_of_chunk), reverse=opts.reverse)
+        (jnp.arange(layout.n, dtype=jnp.int32), slot_of_chunk), reverse=opts.reverse)
     starts = buffer if plan is not None else starts
     ys = jax.tree.map(lambda y: layout.unchunked(y, keep_padding=True), ys)
-    hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.T]
-    if layout.lengths is not None:  # (the kept outputs stay unmasked: they are states)
-        hs = jnp.where(layout.valid()[: layout.T, :, None], hs, 0)
+    hs = (cell.output(ys.states) if "states" in keep else ys.outputs)[: layout.steps()]
     if not keep_residuals:
         return hs, carry_T, None
     return hs, carry_T, ys._replace(outputs=ys.outputs if "outputs" in keep else None,
@@ -485,11 +537,39 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
              with_probe=False):
     """The BPTT reverse scan: cotangents of (hs, carry_T) -> of (params, xs, carry0).
 
-    With ``with_probe`` it also returns dL/d(state<t>) for every t (the probe's gradient).
+    ``saved`` is `forward`'s: a `Saved` per segment. With ``with_probe`` it also
+    returns dL/d(state<t>) for every t (the probe's gradient).
     """
-    B = xs.shape[1]
-    layout = _Layout.of(xs, lengths, opts)
     f = cell.fuse(params)
+    segments = _Layout.segments(xs, lengths, opts)
+    df = _varying_like(_accumulator(f), xs)
+    rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
+    if rows:
+        df = _batched_like(df, (f, xs, dhs, dcarry_T, carry0, lengths, saved))
+        df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
+    acc, dstates = (dcarry_T, df), [None] * len(segments)
+    dxs = _varying_like(jnp.zeros_like(xs), xs) if len(segments) > 1 else None
+    for j in (range(len(segments)) if opts.reverse else reversed(range(len(segments)))):
+        entry = carry0 if saved[j].entry is None else saved[j].entry
+        acc, dxs, dstates[j] = _backward_segment(cell, f, segments[j], xs, entry, saved[j],
+                                                 dhs, acc, dxs, opts, with_probe)
+    dcarry0, df = acc
+    if rows:
+        df = jax.tree.map(lambda g: jax.reshard(g, _on_mesh_of(xs)), df)
+    df = jax.tree.map(lambda g, w: g.astype(w.dtype), df, f)
+    grads = (cell.unfuse(params, df), dxs, dcarry0)
+    if with_probe:
+        return (*grads, _in_time_order(dstates))
+    return grads
+
+
+def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, with_probe):
+    """`backward` over one segment entered from ``carry0``: ``acc`` = (dL/d(state) after
+    it, the weight gradients so far) -> ``(acc, dxs, dstates)``, acc now before it.
+
+    ``dxs`` is the run's (T, ...) input gradients, which the segment writes in place,
+    or ``None`` for a run of one segment: the segment's are then returned."""
+    B = xs.shape[1]
 
     def step_bwd(dcarry, step_in):
         carry_prev, carry, res_t, dh_t, t = step_in
@@ -558,7 +638,7 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         df = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), df, df_k)
         return (dcarry, df), (dxs_k, dstates)
 
-    plan, xs_c, times = _schedule(layout, opts), layout.chunked(xs), layout.times()
+    plan, read_x, read_dh = _schedule(layout, opts), layout.reader(xs), layout.reader(dhs)
 
     def rerun_to(buffer, u):
         """The state entering chunk u (counted in the order the forward runs them),
@@ -568,19 +648,28 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
         def body(q, state_buffer):
             state, buffer = state_buffer
             c = layout.n - 1 - q if opts.reverse else q
-            state = _run_span(cell, f, layout, B, opts, state,
-                              layout.zeroed(xs_c[c], times[c]), times[c], None,
-                              lambda new, res: None)[0]
+            ts = layout.times(c)
+            state = _run_span(cell, f, layout, B, opts, state, layout.zeroed(read_x(c), ts), ts,
+                              None, lambda new, res: None)[0]
             return state, _write(buffer, slot[q + 1], state)
 
         return _first_order_only(
             lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer)))
 
+    def top_body(carry, chunk_in):  # chunk c's inputs and output cotangents, read in place
+        (acc, dxs), (c, (start, kept, probe_k)) = carry, chunk_in
+        acc, (dxs_k, dstates) = chunk_body(
+            acc, (read_x(c), layout.times(c), read_dh(c), (start, kept, probe_k)))
+        if dxs is not None:  # written in place into the run's (T, ...) buffer, not stacked
+            dxs_k, dxs = None, lax.dynamic_update_slice_in_dim(
+                dxs, dxs_k[: layout.steps()], layout.start + c * layout.K, 0)
+        return (acc, dxs), (dxs_k, dstates)
+
     def slot_body(carry, chunk_in):
-        (acc, buffer), (xs_k, ts, dh_k, (u, kept, probe_k)) = carry, chunk_in
+        (carry, buffer), (c, (u, kept, probe_k)) = carry, chunk_in
         start, buffer = rerun_to(buffer, u)
-        acc, ys = chunk_body(acc, (xs_k, ts, dh_k, (start, kept, probe_k)))
-        return (acc, buffer), ys
+        carry, ys = top_body(carry, (c, (start, kept, probe_k)))
+        return (carry, buffer), ys
 
     starts, probe = saved.starts, None
     if starts is None:  # picked from the kept states
@@ -588,26 +677,15 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     if opts.residuals == "checkpoint" and with_probe:  # (the rerun's tap: values unused)
         probe = jax.tree.map(lambda s: jnp.zeros((layout.n, layout.K) + s.shape, s.dtype),
                              carry0)
-    kept = jax.tree.map(layout.chunked, saved._replace(starts=None))  # (n, K, ...)
-    df = _varying_like(_accumulator(f), xs)
-    rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
-    if rows:
-        df = _batched_like(df, (f, xs, dhs, dcarry_T, carry0, lengths, saved, probe))
-        df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
-    body, init, per_chunk = chunk_body, (dcarry_T, df), starts
+    kept = jax.tree.map(layout.chunked, saved._replace(starts=None, entry=None))  # (n, K, ...)
+    body, init, per_chunk = top_body, (acc, dxs), starts
     if plan is not None:  # the starts come from the slots: the scan runs over chunk numbers
         body, init, per_chunk = slot_body, (init, starts), _by_chunk(np.arange(layout.n), opts)
-    out, (dxs, dstates) = lax.scan(
-        body, init, (xs_c, times, layout.chunked(dhs), (per_chunk, kept, probe)),
-        reverse=not opts.reverse)
-    dcarry0, df = out if plan is None else out[0]
-    if rows:
-        df = jax.tree.map(lambda g: jax.reshard(g, _on_mesh_of(xs)), df)
-    df = jax.tree.map(lambda g, w: g.astype(w.dtype), df, f)
-    grads = (cell.unfuse(params, df), layout.unchunked(dxs), dcarry0)
-    if with_probe:
-        return (*grads, jax.tree.map(layout.unchunked, dstates))
-    return grads
+    out, (dxs_c, dstates) = lax.scan(body, init, (jnp.arange(layout.n, dtype=jnp.int32), (per_chunk, kept, probe)),
+                                     reverse=not opts.reverse)
+    acc, dxs = out if plan is None else out[0]
+    dstates = jax.tree.map(layout.unchunked, dstates) if with_probe else None
+    return acc, layout.unchunked(dxs_c) if dxs is None else dxs, dstates
 
 
 @jax.custom_vjp

@@ -63,8 +63,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     gradients (x), the previous states (s), and what the backward rebuilds: the
     residuals (r) and the states (s), unless kept, and the previous outputs (y)
     they are recomputed from; the fused weights and their gradient accumulator
-    (2 w). When K does not divide T, the inputs and output cotangents are copied
-    padded to n K steps. Nested checkpointing, K = (K1, K2, ...): the ceil(T/K1)
+    (2 w). (When K does not divide T, the steps left run as one shorter chunk, in
+    place: nothing more is kept.) Nested checkpointing, K = (K1, K2, ...): the ceil(T/K1)
     states kept, the states entering the sub-chunks of one chunk at every level,
     the inputs, output cotangents and input gradients (2 x + y per step) of one
     chunk at every level but the innermost, and the innermost chunk's transients
@@ -78,16 +78,14 @@ def plan_bytes(policy, K, T, fp, slots=None):
     per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
     reruns = slots is not None and slots < n  # (slots >= n keeps every start: plain)
     starts = slots + 1 if reruns else n
-    kept = (sum(n * sizes[0] * per_step[k] for k in keep if k in per_step)
+    kept = (sum(T * per_step[k] for k in keep if k in per_step)
             + starts * fp.s * ("starts" in keep))
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
                + (fp.y if "outputs" in keep else 0))
     nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
     nested += sum(sizes[:-1]) * (2 * fp.x + fp.y)
-    padded = n * sizes[0] * (fp.x + fp.y) if n * sizes[0] != T else 0
     rerun = sizes[0] * fp.z if reruns else 0  # the reruns' projections, apart
-    return (kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + padded
-            + rerun)
+    return kept + nested + sizes[-1] * (3 * fp.z + fp.x + rebuilt) + 2 * fp.w + rerun
 
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
@@ -102,7 +100,7 @@ def _time(p, T):
     if p.slots is not None:  # each chunk forward rerun costs what "checkpoint" adds per chunk
         n = -(-T // p.chunk)
         base += (_RELATIVE_TIME["checkpoint"] - 1) * _slots.cost(n, p.slots) / n
-    return base * (1 + 1 / p.chunk) * (1.05 if T % p.chunk else 1)
+    return base * (1 + 1 / p.chunk)
 
 
 def _slot_plans(T, fp, budget):
@@ -129,8 +127,7 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
 
     The candidates are every policy at every chunk K (up to its default for
     "gates" and "states", whose transients only grow with K); the estimated time
-    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``, 5 % more when K does not divide T
-    (padded steps are masked). For "checkpoint" this chooses how many states to
+    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``. For "checkpoint" this chooses how many states to
     keep, ceil(T/K). With slots, "checkpoint" at any K up to 64 keeps as many chunk
     starts as the budget leaves room for, placed by Gruslys et al.'s programme
     (`jaxbptt.slots`), each chunk forward rerun priced as "checkpoint"'s own rerun:

@@ -177,8 +177,9 @@ def rnn_backward(da, caches):
     a0 = steps[0][1].T
     xs = jnp.stack([c[2].T for c in steps])
     states = jnp.stack([c[0].T for c in steps])
-    dp, dxs, da0 = _driver.backward(RNN_CELL, p, xs, a0, _driver.Saved(states=states, res=()),
-                                    _time_major(da), jnp.zeros_like(a0), opts=_one_chunk(T))
+    saved = (_driver.Saved(states=states, res=()),)  # one segment
+    dp, dxs, da0 = _driver.backward(RNN_CELL, p, xs, a0, saved, _time_major(da),
+                                    jnp.zeros_like(a0), opts=_one_chunk(T))
     return {"dx": _time_major(dxs), "da0": da0.T, "dWax": dp.Wax, "dWaa": dp.Waa,
             "dba": _col(dp.ba)}
 
@@ -211,7 +212,7 @@ def _lstm_forward(x, a0, c0, parameters):
     xs = _time_major(x)
     _inputs(x, a0, parameters, "Wf", p.Wf.shape[1] - p.Wf.shape[0], c0)
     state0 = LSTMState(a0.T, c0.T)
-    gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2].res
+    gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2][0].res
     replay = lambda s, G: (LSTM_CELL.replay(s, G),) * 2  # noqa: E731 (states from the gates)
     states = jax.lax.scan(replay, state0, gates)[1]
     a, c = _time_major(states.a), _time_major(states.c)
@@ -259,7 +260,7 @@ def _lstm_backward(da, dc_T, steps):
     xs = jnp.stack([s[8].T for s in steps])
     states = LSTMState(jnp.stack([s[0].T for s in steps]), jnp.stack([s[1].T for s in steps]))
     gates = jnp.concatenate([jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7)], axis=-1)
-    saved = _driver.Saved(states=states, res=gates)
+    saved = (_driver.Saved(states=states, res=gates),)  # one segment
     dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, saved, _time_major(da),
                                    LSTMState(jnp.zeros_like(dc_T.T), dc_T.T),
                                    opts=_one_chunk(len(steps)))
