@@ -99,12 +99,13 @@ class Options(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What the forward keeps for the backward (fields a policy does not keep are None)."""
+    """What the forward keeps of one segment for the backward (fields a policy does not
+    keep are None)."""
 
-    states: Any = None  # (T', ...) every state
-    outputs: Any = None  # (T', ...) every output (hidden state), unmasked
-    res: Any = None  # (T', ...) every step's residuals (gate activations)
-    starts: Any = None  # (T'/K, ...) the state entering each chunk; with slots, (m+1, ...)
+    states: Any = None  # (n K, ...) every state
+    outputs: Any = None  # (n K, ...) every output (hidden state), unmasked
+    res: Any = None  # (n K, ...) every step's residuals (gate activations)
+    starts: Any = None  # (n, ...) the state entering each chunk; with slots, (m+1, ...)
     entry: Any = None  # the state entering the segment (None: the run's initial state)
 
 
@@ -657,13 +658,13 @@ def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, w
             lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer)))
 
     def top_body(carry, chunk_in):  # chunk c's inputs and output cotangents, read in place
-        (acc, dxs), (c, (start, kept, probe_k)) = carry, chunk_in
+        (acc, dxs_all), (c, (start, kept, probe_k)) = carry, chunk_in
         acc, (dxs_k, dstates) = chunk_body(
             acc, (read_x(c), layout.times(c), read_dh(c), (start, kept, probe_k)))
-        if dxs is not None:  # written in place into the run's (T, ...) buffer, not stacked
-            dxs_k, dxs = None, lax.dynamic_update_slice_in_dim(
-                dxs, dxs_k[: layout.steps()], layout.start + c * layout.K, 0)
-        return (acc, dxs), (dxs_k, dstates)
+        if dxs_all is not None:  # written in place into the run's (T, ...) buffer
+            dxs_k, dxs_all = None, lax.dynamic_update_slice_in_dim(
+                dxs_all, dxs_k[: layout.steps()], layout.start + c * layout.K, 0)
+        return (acc, dxs_all), (dxs_k, dstates)
 
     def slot_body(carry, chunk_in):
         (carry, buffer), (c, (u, kept, probe_k)) = carry, chunk_in
@@ -681,7 +682,8 @@ def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, w
     body, init, per_chunk = top_body, (acc, dxs), starts
     if plan is not None:  # the starts come from the slots: the scan runs over chunk numbers
         body, init, per_chunk = slot_body, (init, starts), _by_chunk(np.arange(layout.n), opts)
-    out, (dxs_c, dstates) = lax.scan(body, init, (jnp.arange(layout.n, dtype=jnp.int32), (per_chunk, kept, probe)),
+    chunks = jnp.arange(layout.n, dtype=jnp.int32)
+    out, (dxs_c, dstates) = lax.scan(body, init, (chunks, (per_chunk, kept, probe)),
                                      reverse=not opts.reverse)
     acc, dxs = out if plan is None else out[0]
     dstates = jax.tree.map(layout.unchunked, dstates) if with_probe else None

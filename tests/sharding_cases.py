@@ -22,8 +22,8 @@ import os
 import re
 import sys
 
-# Shapes: small (compile time dominates). T = 19 spans three of the driver's
-# 8-step chunks (the last one padded). B, B/4 = 12 and B/8 = 6 appear in no
+# Shapes: small (compile time dominates). T = 19 spans two of the driver's
+# 8-step chunks and a last chunk of 3 steps. B, B/4 = 12 and B/8 = 6 appear in no
 # parameter or ensemble shape (n_a = 5, n_x = 3: sizes 3, 5, 8, 10, 15, 20; 4 and
 # 8 members), so a collective on an array with a batch-sized axis is recognised.
 T, B, N_X, N_A = 19, 48, 3, 5
@@ -211,9 +211,9 @@ def batch_indexed(shape, n_dev):
 
     In data parallelism nothing indexed by the batch should cross devices: states,
     activations, residuals, their gradients. Parameter-shaped arrays have none of
-    these sizes (see the shapes above); rows: T, 8 (a chunk) and 24 (T padded to chunks).
+    these sizes (see the shapes above); rows: T, 8 (a chunk) and 3 (the last chunk).
     """
-    sizes = {r * b for r in (1, T, 8, 24) for b in (B, B // n_dev)}
+    sizes = {r * b for r in (1, T, 8, T % 8) for b in (B, B // n_dev)}
     return any(d in sizes for d in shape)
 
 

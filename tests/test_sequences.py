@@ -66,7 +66,7 @@ def test_lengths_match_rows_run_alone(cell, case, reverse):
                                   pytest.param(c, marks=pytest.mark.slow) for c in CELLS])
 def test_lengths_past_T_mean_T(cell):
     # With chunks that do not divide T (chunk=5 at T=13; T=37 at the default of the LSTM
-    # and GRU), the last chunk is padded: a length past T must not count the padding.
+    # and GRU), the last chunk is shorter: a length past T must clip to T there too.
     for T, chunk in ((13, 5), (37, None)):
         fn, params, xs, state0 = make(cell, T, 4, 2, 3)
         cts = cotangents(fn, params, xs, state0)

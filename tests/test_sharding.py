@@ -158,7 +158,7 @@ def test_shard_map_invariant_initial_state(report):
 def test_explicit_mesh(report):
     # jax.make_mesh's default axis types (Explicit in jax 0.10, sharding in types): the
     # hand-derived dW contractions over the sharded batch are typed unreduced.
-    # Also under jax.set_mesh, with T = 19 padded to whole chunks.
+    # Also under jax.set_mesh, with T = 19 in chunks of 8, 8 and 3.
     rows = report["explicit_mesh"]
     assert any(r["axis_types"] == "(Explicit,)" for r in rows)
     assert {r["set_mesh"] for r in rows} == {False, True}
