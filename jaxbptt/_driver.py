@@ -230,10 +230,13 @@ def _match_vma(cotangents, primals):
     return jax.tree.map(fix, cotangents, primals)
 
 
-def _varying_like(tree, x):
-    """``tree`` cast to vary over the same shard_map axes as ``x`` (no-op outside one)."""
+def _varying_like(tree, like):
+    """``tree`` cast to vary over every shard_map axis a leaf of ``like`` varies over
+    (no-op outside shard_map): a loop's carry, which its updates make vary so."""
+    axes = frozenset().union(*(_vma(x) for x in jax.tree.leaves(like)))
+
     def cast(t):
-        missing = tuple(sorted(_vma(x) - _vma(t)))
+        missing = tuple(sorted(axes - _vma(t)))
         return jax.lax.pcast(t, missing, to="varying") if missing else t
     return jax.tree.map(cast, tree)
 
@@ -543,13 +546,14 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     """
     f = cell.fuse(params)
     segments = _Layout.segments(xs, lengths, opts)
-    df = _varying_like(_accumulator(f), xs)
+    deps = (f, xs, dhs, dcarry_T, carry0, saved)  # what the chunks' gradients vary with
+    df = _varying_like(_accumulator(f), deps)
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
-        df = _batched_like(df, (f, xs, dhs, dcarry_T, carry0, lengths, saved))
+        df = _batched_like(df, (*deps, lengths))
         df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
-    acc, dstates = (dcarry_T, df), [None] * len(segments)
-    dxs = _varying_like(jnp.zeros_like(xs), xs) if len(segments) > 1 else None
+    acc, dstates = (_varying_like(dcarry_T, deps), df), [None] * len(segments)
+    dxs = _varying_like(jnp.zeros_like(xs), deps) if len(segments) > 1 else None
     for j in (range(len(segments)) if opts.reverse else reversed(range(len(segments)))):
         entry = carry0 if saved[j].entry is None else saved[j].entry
         acc, dxs, dstates[j] = _backward_segment(cell, f, segments[j], xs, entry, saved[j],
@@ -771,7 +775,6 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
                               cell.zero_state(B, n_a, dtype))
     cell.check_state(state0, B, n_a, dtype)
-    state0 = _varying_like(state0, xs)  # inside shard_map the carry varies like xs
     lengths = _checks.lengths(lengths, B, T)
     chunk, levels = _checks.chunk(chunk, residuals), ()
     slots = _checks.slots(slots, residuals, chunk)
@@ -783,6 +786,7 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
                    levels, slots, cell_chunk)
     if probe is not None:
         _checks.probe(probe, state0, T)
+    state0 = _varying_like(state0, (xs, params, lengths, probe))  # in shard_map, as the carry
     if backward == "bptt":
         hs, state_T = _bptt(cell, opts, params, xs, state0, lengths, probe)
     else:

@@ -353,6 +353,39 @@ def shard_map_replicated_params(mesh, cases):
     return rows
 
 
+def shard_map_ensemble(mesh, names):
+    """An ensemble: one member's params on each device (split on the mesh axis), the
+    same inputs and initial state on every device (invariant), each member's own loss.
+    The recurrent carry varies with the params, not with the data."""
+    rows = []
+    for name in names:
+        members = [make(name, T, B, N_X, N_A, seed=s) for s in range(mesh.size)]
+        fn, xs, state0 = members[0][0], members[0][2], members[0][3]
+        stacked = jax.tree.map(lambda *p: jnp.stack(p), *[m[1] for m in members])
+        w = _rng_like(jax.eval_shape(lambda: fn(members[0][1], xs, state0)[0]), 11)
+        spec = jax.tree.map(lambda _: P("batch"), stacked)
+        for backward in MODES:
+            def member_loss(p, backward=backward):
+                return jnp.sum(fn(p, xs, state0, backward=backward)[0] * w)
+
+            def local(p, member_loss=member_loss):
+                g = jax.grad(member_loss)(jax.tree.map(lambda a: a[0], p))
+                return jax.tree.map(lambda a: a[None], g)
+
+            row = {"model": name, "backward": backward, "error": None, "grad_rel_err": None}
+            try:
+                got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,),
+                                            out_specs=spec))(put(stacked, spec, mesh))
+            except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            else:
+                one = jax.jit(jax.grad(lambda p: member_loss(p, "autodiff")))
+                ref = [one(*on_one_device((m[1],))) for m in members]
+                row["grad_rel_err"] = rel_err(got, jax.tree.map(lambda *g: jnp.stack(g), *ref))
+            rows.append(row)
+    return rows
+
+
 def explicit_mesh(cases):
     """jit(grad) on a mesh from ``jax.make_mesh`` with its default axis types.
 
@@ -457,6 +490,7 @@ def report(n_dev):
             ("lstm", "sharded", "autodiff"), ("lstm", "sharded", "bptt"),
             ("lstm", "None", "autodiff"), ("lstm", "None", "bptt"),
             ("lstm", "zeros", "bptt"), ("stack", "None", "bptt"))),
+        "shard_map_ensemble": shard_map_ensemble(mesh, ("rnn", "lstm", "gru-cudnn")),
         "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
         "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
                                         ("gru-course", "bptt"), ("lstm:slots", "bptt"),

@@ -180,6 +180,18 @@ def test_explicit_mesh_bptt_reduces_once_after_the_loop(report):
             assert r["batch_indexed_collectives"] == [], (_where(r), r["collectives"])
 
 
+
+def test_shard_map_ensemble_of_per_device_params(report):
+    # One member's params per device, the same inputs and initial state on all: the carry
+    # varies with the params, so the initial state is cast to vary so too (without it
+    # the scan's carry types differed, for autodiff and bptt alike).
+    rows = report["shard_map_ensemble"]
+    assert {(r["model"], r["backward"]) for r in rows} == {
+        (m, b) for m in ("rnn", "lstm", "gru-cudnn") for b in ("bptt", "autodiff")}
+    for r in rows:
+        assert r["error"] is None, (_where(r), r["error"])
+        assert r["grad_rel_err"] < TOL, (_where(r), r["grad_rel_err"])
+
 # ---------------------------------------------------------------- 4. vmap sweeps
 
 def test_vmap_sweep_equals_loop(report):
