@@ -315,8 +315,8 @@ class _Layout(NamedTuple):
         sliced in place (a padded segment reads a padded copy of its own steps)."""
         base = self.start
         if self.start + self.n * self.K > self.T:
-            base, tree = 0, jax.tree.map(lambda x: self.chunked(x[self.start:]).reshape(
-                (-1,) + x.shape[1:]), tree)
+            base, tree = 0, jax.tree.map(lambda x: self.unchunked(
+                self.chunked(x[self.start:]), keep_padding=True), tree)
         return lambda c: jax.tree.map(
             lambda x: lax.dynamic_slice_in_dim(x, base + c * self.K, self.K), tree)
 
@@ -488,11 +488,8 @@ def forward(cell, params, xs, carry0, lengths=None, opts=Options(), probe=None, 
     segments = _Layout.segments(xs, lengths, opts)
     hs, saved, carry = [None] * len(segments), [None] * len(segments), carry0
     for j in (reversed(range(len(segments))) if opts.reverse else range(len(segments))):
-        hs[j], end, saved[j] = _forward_segment(cell, f, segments[j], xs, carry, opts, probe,
-                                                keep_residuals)
-        if keep_residuals:
-            saved[j] = saved[j]._replace(entry=carry)
-        carry = end
+        hs[j], carry, saved[j] = _forward_segment(cell, f, segments[j], xs, carry, opts,
+                                                  probe, keep_residuals)
     hs = _in_time_order(hs)
     if lengths is not None:  # (the kept outputs stay unmasked: they are states)
         valid = jnp.arange(xs.shape[0], dtype=jnp.int32)[:, None] < lengths[None, :]
@@ -534,7 +531,7 @@ def _forward_segment(cell, f, layout, xs, carry0, opts, probe, keep_residuals):
     if not keep_residuals:
         return hs, carry_T, None
     return hs, carry_T, ys._replace(outputs=ys.outputs if "outputs" in keep else None,
-                                    starts=starts)
+                                    starts=starts, entry=carry0)
 
 
 def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=Options(),
