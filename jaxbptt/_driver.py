@@ -160,15 +160,16 @@ class Gated:
     ``gates(f, a_prev, zx_t) -> res_t``
         the gate activations from the previous output and the input projection
         (every matmul of the step; batched over (K, B, ...) blocks as well).
-    ``replay(prev, res_t) -> state``
-        the new state from the previous one and the gates (elementwise).
+    ``replay(prev, res_t, valid=None) -> state``
+        the new state from the previous one and the gates (elementwise); rows
+        where ``valid`` (B,) is False (past a sequence's length) keep ``prev``.
 
     Such a cell's policies keep no state but each chunk's first (`_keeps`).
     """
 
-    def step(self, f, carry, zx_t):
+    def step(self, f, carry, zx_t, valid=None):
         res = self.gates(f, self.output(carry), zx_t)
-        return self.replay(carry, res), res
+        return self.replay(carry, res, valid), res
 
 
 def affine(x, W, b):
@@ -247,6 +248,12 @@ def _where(mask, new, old):
     return jax.tree.map(
         lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim)), n, o),
         new, old)
+
+
+def keep(valid, new, old):
+    """``new``, but ``old`` in the rows where ``valid`` (B,) is False; ``new`` if valid
+    is None (no lengths)."""
+    return new if valid is None else _where(valid, new, old)
 
 
 def _zeros(tree):
@@ -379,7 +386,8 @@ def _tap_jvp(primals, tangents):
 def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
     """The forward over one chunk; ``emit(new, res)`` chooses what each step stacks.
 
-    ``step(carry, zx_t) -> (new, res_t)`` is ``cell.step`` unless given (a replay).
+    ``step(carry, zx_t, valid) -> (new, res_t)`` is ``cell.step`` unless given (a
+    replay); rows where ``valid`` is False keep ``carry``.
     """
     step = functools.partial(cell.step, f) if step is None else step
 
@@ -388,11 +396,11 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
         valid, cut = _masks(t, layout, B, opts)
         if cut is not None:
             carry = _where(cut, lax.stop_gradient(carry), carry)
-        new, res_t = step(carry, zx_t)
-        if probe_t is not None:
-            new = jax.tree.map(_tap, new, probe_t)
-        if valid is not None:
-            new = _where(valid, new, carry)
+        if probe_t is None:
+            new, res_t = step(carry, zx_t, valid)
+        else:  # tapped before the padded rows are held, so that they get no gradient
+            new, res_t = step(carry, zx_t, None)
+            new = keep(valid, jax.tree.map(_tap, new, probe_t), carry)
         return new, emit(new, res_t)
 
     return lax.scan(body, carry, (zx, ts, probe), reverse=opts.reverse)
@@ -632,7 +640,7 @@ def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, w
             if states is None:  # replayed from the chunk's first state: no matmul
                 states = _run_chunk(cell, f, layout, B, opts, start, res, ts, None,
                                     lambda new, _: new,
-                                    lambda s, r: (cell.replay(s, r), None))[1]
+                                    lambda s, r, v: (cell.replay(s, r, v), None))[1]
         prevs = cut_off(ts, _prevs(start, states, opts.reverse))  # (as above: XLA's CSE)
         dcarry, (dz, dstates) = lax.scan(step_bwd, dcarry, (prevs, states, res, dh_k, ts),
                                          reverse=not opts.reverse)

@@ -128,9 +128,9 @@ class _GRUCell(_driver.Gated, _driver.HiddenState):
         return _driver.affine(xs, f.Wx, f.b)  # (T, B, 3 n_a): W*x x<t> + b* for all t
 
     @staticmethod
-    def replay(a_prev, res):
+    def replay(a_prev, res, valid=None):
         gu, _, cc = res[:3]
-        return gu * cc + (1 - gu) * a_prev
+        return _driver.keep(valid, gu * cc + (1 - gu) * a_prev, a_prev)
 
 
 class _CourseGRUCell(_GRUCell):

@@ -117,10 +117,12 @@ class _LSTMCell(_driver.Gated):
         return k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
 
     @staticmethod
-    def replay(prev, G):
+    def replay(prev, G, valid=None):
         gf, gi, cc, go = jnp.split(G, 4, axis=-1)
-        c = gf * prev.c + gi * cc
-        a = go * jnp.tanh(c)
+        # A padded row (valid False) keeps c<t-1>, and a<t> is computed from the held c:
+        # then nothing reads c<t-1> after c<t> is written over it, and XLA need not copy it.
+        c = _driver.keep(valid, gf * prev.c + gi * cc, prev.c)
+        a = _driver.keep(valid, go * jnp.tanh(c), prev.a)
         return LSTMState(a, c)
 
     @staticmethod

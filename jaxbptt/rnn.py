@@ -73,8 +73,8 @@ class _RNNCell(_driver.HiddenState):
         return _driver.affine(xs, p.Wax, p.ba)  # (T, B, n_a): Wax x<t> + ba for all t
 
     @staticmethod
-    def step(p, a_prev, zx_t):
-        return jnp.tanh(zx_t + a_prev @ p.Waa.T), ()
+    def step(p, a_prev, zx_t, valid=None):
+        return _driver.keep(valid, jnp.tanh(zx_t + a_prev @ p.Waa.T), a_prev), ()
 
     @staticmethod
     def gates(p, a_prev, zx_t):  # none: tanh' comes from a<t> itself
