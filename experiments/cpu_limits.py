@@ -1,6 +1,6 @@
 """What XLA's CPU runtime does with a recurrence: the facts behind RESULTS.md's "Where the time goes".
 
-Three measurements, each side by side in this process (the one-core case in a child process
+Four measurements, each side by side in this process (the one-core case in a child process
 pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
 
 1. cores   a scan of only the step product a<t-1> Wh^T, (B, n_a)·(n_a, 4 n_a), per step,
@@ -13,12 +13,17 @@ pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
 3. faults  the minor page faults of one call of a jitted function whose temp buffer is
            16, 32 + 1 or 64 MiB, and the cost of one fault on freshly mapped memory: is a
            call's temp buffer reused from call to call, or mapped and zeroed afresh?
+4. slices  a loop body of one elementwise op reading the step's row of a scanned
+           (K, B, 4 n_a) array (as the LSTM's backward reads its gates): one column slice
+           of it, two or three, against three whole (K, B, n_a) arrays. What does it cost
+           to keep a step's residuals as one array and slice them in the body?
 
 Run: python experiments/cpu_limits.py [--runs 15]
 Writes results/cpu_limits.json. Linux only (sched_setaffinity, getrusage's minor faults).
 """
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -108,6 +113,30 @@ def beside_ms(B, n_a, runs, K=20):
             for name, f in fns.items()}
 
 
+def slices_us(B, n_a, runs, K=10):
+    """µs per step of a reverse scan over K steps (in an outer scan over STEPS // K chunks)
+    whose body is one elementwise op on the carry and slices of the step's inputs."""
+    r = np.random.default_rng(0)
+    G = jnp.asarray(r.random((K, B, 4 * n_a)), jnp.float32)
+    parts = tuple(G[..., i * n_a:(i + 1) * n_a] + 0 for i in range(4))  # four arrays
+    c0 = jnp.ones((B, n_a), jnp.float32)
+    col = lambda g, i: g[:, i * n_a:(i + 1) * n_a]  # noqa: E731
+    bodies = {
+        "one slice of (K, B, 4 n_a)": (lambda c, g: c * col(g, 3) + 1, G),
+        "two slices of it": (lambda c, g: c * col(g, 3) * col(g, 0), G),
+        "three slices of it": (lambda c, g: c * col(g, 3) * col(g, 0) + col(g, 1), G),
+        "three (K, B, n_a) arrays": (lambda c, g: c * g[3] * g[0] + g[1], parts),
+    }
+
+    def run(body, xs):
+        chunk = lambda c, _: (lax.scan(lambda c, g: (body(c, g), None), c, xs, reverse=True)[0],  # noqa: E731
+                              None)
+        return lax.scan(chunk, c0, None, length=STEPS // K)[0]
+
+    return {name: 1e6 * median_s(lambda f=jax.jit(functools.partial(run, body)), x=xs: f(x), runs)
+            / STEPS for name, (body, xs) in bodies.items()}
+
+
 def faults_per_call(temp_mib):
     """Minor page faults of one call of a function whose temp buffer is ``temp_mib``."""
     n = int(temp_mib * MiB) // 4 // 2  # two live float32 intermediates of n elements
@@ -191,10 +220,16 @@ def main():
     print(f"  one fault on fresh memory: {cost:.2f} µs per {page // 1024} KiB page "
           f"({cost * MiB / page / 1e3:.2f} ms per MiB)")
 
+    print("\n4. one elementwise op reading slices of a step's (B, 4 n_a) row, µs per step "
+          "(B=32, n_a=128)")
+    sliced = slices_us(32, 128, args.runs)
+    for name, us in sliced.items():
+        print(f"  {name:<28}{us:>8.2f}")
+
     path = write_json("cpu_limits.json", {
         "runs": args.runs, "steps": STEPS, "cpus": len(cpus), "step_product": cores,
         "overlap_ms": over, "beside_ms": side, "faults_per_call": faults,
-        "fault_cost_us": cost, "page_bytes": page})
+        "fault_cost_us": cost, "page_bytes": page, "slices_us": sliced})
     print(f"\nwrote {path}")
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxbptt import _checks, _driver
 from jaxbptt.lstm import LSTM_CELL, LSTMParams, LSTMState
 from jaxbptt.lstm import _SPEC as _LSTM_SPEC
+from jaxbptt.lstm import _Gates
 from jaxbptt.rnn import RNN_CELL, RNNParams
 from jaxbptt.rnn import _SPEC as _RNN_SPEC
 
@@ -216,7 +217,7 @@ def _lstm_forward(x, a0, c0, parameters):
     replay = lambda s, G: (LSTM_CELL.replay(s, G),) * 2  # noqa: E731 (states from the gates)
     states = jax.lax.scan(replay, state0, gates)[1]
     a, c = _time_major(states.a), _time_major(states.c)
-    ft, it, cct, ot = (_time_major(g) for g in jnp.split(gates, 4, axis=-1))
+    ft, it, cct, ot = (_time_major(g) for g in gates)
     y = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wy"], a) + parameters["by"][:, :, None])
     a_prevs = jnp.concatenate([a0[:, :, None], a[:, :, :-1]], axis=2)
     c_prevs = jnp.concatenate([c0[:, :, None], c[:, :, :-1]], axis=2)
@@ -259,7 +260,7 @@ def _lstm_backward(da, dc_T, steps):
     carry0 = LSTMState(steps[0][2].T, steps[0][3].T)
     xs = jnp.stack([s[8].T for s in steps])
     states = LSTMState(jnp.stack([s[0].T for s in steps]), jnp.stack([s[1].T for s in steps]))
-    gates = jnp.concatenate([jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7)], axis=-1)
+    gates = _Gates(*(jnp.stack([s[k].T for s in steps]) for k in (4, 5, 6, 7)))
     saved = (_driver.Saved(states=states, res=gates),)  # one segment
     dp, dxs, d0 = _driver.backward(LSTM_CELL, p, xs, carry0, saved, _time_major(da),
                                    LSTMState(jnp.zeros_like(dc_T.T), dc_T.T),
