@@ -124,8 +124,9 @@ class _LSTMCell(_driver.Gated):
         z = zx_t + a_prev @ f.Wh.T
         k = _gate_scale(z)
         G = k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
-        # Kept as four arrays: a fusion that reads several slices of one stacked array
-        # runs ~10x slower on XLA's CPU backend than one reading whole arrays.
+        # Kept as four arrays: on XLA's CPU backend, a fusion that reads several slices
+        # of a step of one scanned array runs 2-7x slower than one that reads whole
+        # arrays (experiments/cpu_limits.py), and the backward's deltas read three.
         return _Gates(*jnp.split(G, 4, axis=-1))
 
     @staticmethod
