@@ -70,8 +70,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     chunk at every level but the innermost, and the innermost chunk's transients
     as above. With ``slots`` = m < ceil(T/K): m + 1 chunk starts (a scratch slot),
     and the reruns' input projections (K z), which XLA keeps apart.
-    XLA's temp memory was 0.81-0.99x this for the LSTM, up to 1.12x for the GRU
-    (its "states") and 0.66-1.07x for the RNN, at T from 50 to 1021 (README).
+    XLA's temp memory was 0.82-1.03x this for the LSTM, 0.85-1.10x for the GRU and
+    0.68-1.15x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py).
     """
     sizes = K if isinstance(K, tuple) else (K,)
     n = -(-T // sizes[0])
@@ -193,7 +193,7 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
       a `Plan` ``(residuals, chunk, bytes, slots)``: the policy, the steps per
       chunk, the estimated bytes kept (what stays alive through the backward plus
       one chunk's transients and the weight-sized buffers: an estimate, XLA's
-      ``temp_size_in_bytes`` came 0.66-1.12x it, see the README) and,
+      ``temp_size_in_bytes`` came 0.68-1.15x it, see the README) and,
       for ``"checkpoint"`` keeping fewer chunk starts than chunks, how many.
 
     Raises:
