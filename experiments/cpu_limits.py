@@ -14,7 +14,7 @@ pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
            16, 32 + 1 or 64 MiB, and the cost of one fault on freshly mapped memory: is a
            call's temp buffer reused from call to call, or mapped and zeroed afresh?
 4. slices  a loop body of one elementwise op reading the step's row of a scanned
-           (K, B, 4 n_a) array (as the LSTM's backward reads its gates): one column slice
+           (K, B, 4 n_a) array (as the LSTM's backward read its gates): one column slice
            of it, two or three, against three whole (K, B, n_a) arrays. What does it cost
            to keep a step's residuals as one array and slice them in the body?
 
@@ -220,11 +220,11 @@ def main():
     print(f"  one fault on fresh memory: {cost:.2f} µs per {page // 1024} KiB page "
           f"({cost * MiB / page / 1e3:.2f} ms per MiB)")
 
-    print("\n4. one elementwise op reading slices of a step's (B, 4 n_a) row, µs per step "
-          "(B=32, n_a=128)")
-    sliced = slices_us(32, 128, args.runs)
-    for name, us in sliced.items():
-        print(f"  {name:<28}{us:>8.2f}")
+    print("\n4. one elementwise op reading slices of a step's (B, 4 n_a) row, µs per step")
+    sliced = {f"{B}, {n_a}": slices_us(B, n_a, args.runs) for B, n_a in ((32, 128), (64, 512))}
+    print(f"  {'B, n_a':<28}" + "".join(f"{k:>10}" for k in sliced))
+    for name in sliced["32, 128"]:
+        print(f"  {name:<28}" + "".join(f"{v[name]:>10.2f}" for v in sliced.values()))
 
     path = write_json("cpu_limits.json", {
         "runs": args.runs, "steps": STEPS, "cpus": len(cpus), "step_product": cores,

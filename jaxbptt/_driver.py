@@ -11,9 +11,10 @@ A cell is a small static object (see ``rnn.py``, ``lstm.py``, ``gru.py``) supply
     every matmul of a step: what the backward needs beyond the states (the gate
     activations), from the previous output. Written on the last axis, so it also
     runs batched over (K, B, ...) blocks when the previous outputs are known.
-``step(f, carry, zx_t) -> (carry_next, res_t)``
-    one forward step; a `Gated` cell makes it ``replay(carry, gates(...))``, where
-    ``replay(prev, res_t) -> carry_next`` is the elementwise rest of the step.
+``step(f, carry, zx_t, valid=None) -> (carry_next, res_t)``
+    one forward step; rows where ``valid`` (B,) is False keep ``carry`` (`hold`). A
+    `Gated` cell makes it ``replay(carry, gates(...), valid)``, where
+    ``replay(prev, res_t, valid=None) -> carry_next`` is the elementwise rest of the step.
 ``step_bwd(f, carry_prev, carry, res_t, dcarry, dh_t) -> (dcarry_prev, dz_t)``
     the hand-derived per-step backward. ``dcarry`` is dL/d(state<t>) carried back
     from step t+1, ``dh_t`` the cotangent of the output ``hs[t]``; it returns
@@ -250,9 +251,9 @@ def _where(mask, new, old):
         new, old)
 
 
-def keep(valid, new, old):
-    """``new``, but ``old`` in the rows where ``valid`` (B,) is False; ``new`` if valid
-    is None (no lengths)."""
+def hold(valid, new, old):
+    """``new``, but ``old`` in the rows where ``valid`` (B,) is False (a step past the
+    row's length holds its state); ``new`` if valid is None (no lengths)."""
     return new if valid is None else _where(valid, new, old)
 
 
@@ -400,7 +401,7 @@ def _run_chunk(cell, f, layout, B, opts, carry, zx, ts, probe, emit, step=None):
             new, res_t = step(carry, zx_t, valid)
         else:  # tapped before the padded rows are held, so that they get no gradient
             new, res_t = step(carry, zx_t, None)
-            new = keep(valid, jax.tree.map(_tap, new, probe_t), carry)
+            new = hold(valid, jax.tree.map(_tap, new, probe_t), carry)
         return new, emit(new, res_t)
 
     return lax.scan(body, carry, (zx, ts, probe), reverse=opts.reverse)

@@ -130,7 +130,7 @@ class _GRUCell(_driver.Gated, _driver.HiddenState):
     @staticmethod
     def replay(a_prev, res, valid=None):
         gu, _, cc = res[:3]
-        return _driver.keep(valid, gu * cc + (1 - gu) * a_prev, a_prev)
+        return _driver.hold(valid, gu * cc + (1 - gu) * a_prev, a_prev)
 
 
 class _CourseGRUCell(_GRUCell):

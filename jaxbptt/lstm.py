@@ -124,9 +124,9 @@ class _LSTMCell(_driver.Gated):
         z = zx_t + a_prev @ f.Wh.T
         k = _gate_scale(z)
         G = k * jnp.tanh(k * z) + (1 - k)  # [Γf, Γi, c̃, Γo]: σ(z) = tanh(z/2)/2 + 1/2
-        # Kept as four arrays: on XLA's CPU backend, a fusion that reads several slices
-        # of a step of one scanned array runs 2-7x slower than one that reads whole
-        # arrays (experiments/cpu_limits.py), and the backward's deltas read three.
+        # Kept as four arrays: on XLA's CPU backend, a fusion that reads several column
+        # slices of a step of one scanned array runs 2-5x slower than one that reads
+        # whole arrays (experiments/cpu_limits.py), and each gate delta reads three gates.
         return _Gates(*jnp.split(G, 4, axis=-1))
 
     @staticmethod
@@ -134,8 +134,8 @@ class _LSTMCell(_driver.Gated):
         gf, gi, cc, go = G
         # A padded row (valid False) keeps c<t-1>, and a<t> is computed from the held c:
         # then nothing reads c<t-1> after c<t> is written over it, and XLA need not copy it.
-        c = _driver.keep(valid, gf * prev.c + gi * cc, prev.c)
-        a = _driver.keep(valid, go * jnp.tanh(c), prev.a)
+        c = _driver.hold(valid, gf * prev.c + gi * cc, prev.c)
+        a = _driver.hold(valid, go * jnp.tanh(c), prev.a)
         return LSTMState(a, c)
 
     @staticmethod

@@ -74,7 +74,7 @@ class _RNNCell(_driver.HiddenState):
 
     @staticmethod
     def step(p, a_prev, zx_t, valid=None):
-        return _driver.keep(valid, jnp.tanh(zx_t + a_prev @ p.Waa.T), a_prev), ()
+        return _driver.hold(valid, jnp.tanh(zx_t + a_prev @ p.Waa.T), a_prev), ()
 
     @staticmethod
     def gates(p, a_prev, zx_t):  # none: tanh' comes from a<t> itself
