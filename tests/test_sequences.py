@@ -64,8 +64,7 @@ def test_lengths_match_rows_run_alone(cell, case, reverse):
         assert rel_err(grads, ref_grads) < TOL[np.float64], backward
 
 
-@pytest.mark.parametrize("cell", [c if c == "lstm" else
-                                  pytest.param(c, marks=pytest.mark.slow) for c in CELLS])
+@pytest.mark.parametrize("cell", CELLS)
 def test_lengths_past_T_mean_T(cell):
     # With chunks that do not divide T (chunk=5 at T=13; T=37 at the default of the LSTM
     # and GRU), the last chunk is shorter: a length past T must clip to T there too.
