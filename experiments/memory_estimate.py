@@ -30,14 +30,15 @@ def main():
             obj, _ = memory._cell(params)
             fp = memory.footprint(obj, params, B, n_x, n_a, jnp.float32)
             for policy in _driver.POLICIES:
-                opts = _driver.Options(residuals=policy,
-                                       default_chunk=_driver.default_chunk(obj, B, n_a, jnp.float32))
-                K = _driver.chunk_size(T, opts)
+                default = _driver.default_chunk(obj, B, n_a, jnp.float32)
+                K = _driver.chunk_size(T, _driver.Options(residuals=policy, default_chunk=default))
                 estimate = memory.plan_bytes(policy, K, T, fp)
-                run = getattr(jb, cell)
-                loss = lambda p, xs, run=run, policy=policy: jnp.sum(run(p, xs, residuals=policy)[0])  # noqa: E731
-                temp = jax.jit(jax.grad(loss)).lower(params, xs).compile().memory_analysis()
-                temp = temp.temp_size_in_bytes
+
+                def loss(p, xs, run=getattr(jb, cell), policy=policy):
+                    return jnp.sum(run(p, xs, residuals=policy)[0])
+
+                compiled = jax.jit(jax.grad(loss)).lower(params, xs).compile()
+                temp = compiled.memory_analysis().temp_size_in_bytes
                 rows.append({"cell": cell, "T": T, "B": B, "n_x": n_x, "n_a": n_a, "policy": policy,
                              "chunk": K, "xla_bytes": temp, "estimate_bytes": estimate,
                              "ratio": temp / estimate})

@@ -101,7 +101,8 @@ def _gate_scale(z):
 
 
 class _LSTMCell(_driver.Gated):
-    """The LSTM for the driver: carry LSTMState, residuals the gates Γf, Γi, c̃, Γo, each (B, n_a)."""
+    """The LSTM for the driver: carry LSTMState, residuals `_Gates` (Γf, Γi, c̃, Γo), each
+    (B, n_a)."""
 
     @staticmethod
     def fuse(p):

@@ -128,8 +128,8 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
 
     The candidates are every policy at every chunk K (up to its default for
     "gates" and "states", whose transients only grow with K); the estimated time
-    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``. For "checkpoint" this chooses how many states to
-    keep, ceil(T/K). With slots, "checkpoint" at any K up to 64 keeps as many chunk
+    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``. For "checkpoint" this chooses how many
+    states to keep, ceil(T/K). With slots, "checkpoint" at any K up to 64 keeps as many chunk
     starts as the budget leaves room for, placed by Gruslys et al.'s programme
     (`jaxbptt.slots`), each chunk forward rerun priced as "checkpoint"'s own rerun:
     (1.3 + 0.3 F / n) (1 + 1/K) for F reruns of n chunks. (Nested checkpointing,
