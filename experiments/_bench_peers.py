@@ -201,6 +201,86 @@ def equinox_setup(cell, key, n_x, n_a, a0, c0):
     return fwd, params, ((a0, c0) if cell == "lstm" else a0)
 
 
+# --- the products alone: what XLA needs for the matmuls of jaxbptt's default layout ------
+
+def default_chunk(cell, T, B, n_a):
+    """Steps per chunk of jaxbptt's default ("gates") for this cell and shape."""
+    from jaxbptt import _driver
+    from jaxbptt.gru import GRU_CELLS
+    from jaxbptt.lstm import LSTM_CELL
+    from jaxbptt.rnn import RNN_CELL
+
+    c = {"lstm": LSTM_CELL, "gru": GRU_CELLS["cudnn"], "rnn": RNN_CELL}[cell]
+    K = _driver.default_chunk(c, B, n_a, jnp.float32)
+    return _driver.chunk_size(T, _driver.Options(default_chunk=K))
+
+
+def products_setup(cell, key, T, B, n_x, n_a, a0, w, steps_only=False):
+    """The matmuls of jaxbptt's chunked BPTT at its default chunk, with one elementwise op
+    per step in place of the cell's gate arithmetic. Per chunk of K steps: the input
+    projection (K B, n_x)·(n_x, G n_a), and in the backward dWh, dWx and dx over its K B
+    rows; per step: the recurrent product (B, n_a)·(n_a, G n_a) forward and
+    (B, G n_a)·(G n_a, n_a) backward. The forward keeps the step's (B, G n_a) products
+    for the backward, as the default keeps its G gates. Not a gradient: its time is what
+    XLA takes for the model FLOPs in this layout, a bound on what the layout can reach.
+    ``steps_only``: the per-step products alone (two plain scans over T), the part that no
+    layout can batch: one after the other, each waiting for the step before.
+
+    Returns ``(fn, args)``: ``fn(*args, xs, a0, w)`` gives arrays shaped as dWh, dWx, dxs,
+    da0 (``steps_only``: da0).
+    """
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    K = default_chunk(cell, T, B, n_a)
+    if T % K:
+        raise Unsupported(f"T = {T} is not a multiple of the default chunk {K}")
+    kh, kx = jax.random.split(key)
+    bound = 1 / np.sqrt(n_a)
+    Wh = jax.random.uniform(kh, (G * n_a, n_a), jnp.float32, -bound, bound)
+    Wx = jax.random.uniform(kx, (G * n_a, n_x), jnp.float32, -bound, bound)
+
+    def forward_step(a, zx_t):
+        z = zx_t + a @ Wh.T
+        a = jnp.tanh(z[:, :n_a])
+        return a, (a, z)
+
+    def backward_step(da, step_in):
+        z_t, w_t = step_in
+        dz = jnp.tile(da + w_t, (1, G)) * (0.5 * z_t)
+        return dz @ Wh, dz
+
+    def steps(Wh, xs, a0, w):
+        del xs
+        _, (_, zs) = lax.scan(forward_step, a0, jnp.zeros((T, B, G * n_a), a0.dtype))
+        da0, _ = lax.scan(backward_step, jnp.zeros_like(a0), (zs, w), reverse=True)
+        return da0
+
+    def chunked(Wh, Wx, xs, a0, w):
+        n = T // K
+
+        def forward_chunk(a, x_k):
+            return lax.scan(forward_step, a, x_k @ Wx.T)  # (K, B, G n_a) projection
+
+        xs_k = xs.reshape(n, K, B, n_x)
+        _, (hs, zs) = lax.scan(forward_chunk, a0, xs_k)
+        starts = jnp.concatenate([a0[None], hs[:-1, -1]])  # the state entering each chunk
+
+        def backward_chunk(carry, chunk_in):
+            da, dWh, dWx = carry
+            x_k, z_k, start, h_k, w_k = chunk_in
+            da, dz = lax.scan(backward_step, da, (z_k, w_k), reverse=True)
+            prevs = jnp.concatenate([start[None], h_k[:-1]])
+            dWh = dWh + jnp.einsum("tbg,tbj->gj", dz, prevs)
+            dWx = dWx + jnp.einsum("tbg,tbj->gj", dz, x_k)
+            return (da, dWh, dWx), dz @ Wx
+        zero = (jnp.zeros_like(a0), jnp.zeros_like(Wh), jnp.zeros_like(Wx))
+        (da0, dWh, dWx), dxs = lax.scan(backward_chunk, zero,
+                                        (xs_k, zs, starts, hs, w.reshape(n, K, B, n_a)),
+                                        reverse=True)
+        return dWh, dWx, dxs.reshape(T, B, n_x), da0
+
+    return (steps, (Wh,)) if steps_only else (chunked, (Wh, Wx))
+
+
 # --- PyTorch ---------------------------------------------------------------------------------
 
 def torch_setup(cell, n_x, n_a, xs, a0, c0, w, onednn=True):

@@ -23,6 +23,14 @@ state(s), float32, for:
   remat           a plain lax.scan of the same cell, jax.checkpoint around the step (autodiff)
   flax            flax.linen nn.RNN(OptimizedLSTMCell / GRUCell / SimpleCell), time_major
   equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
+  products        not a gradient: the matmuls of bptt[gates]'s layout alone (per chunk the
+                  input projection and dWh, dWx, dx; per step the recurrent product forward
+                  and backward), one elementwise op per step in place of the cell's, the
+                  products kept for the backward as the gates are: what XLA takes for the
+                  model FLOPs in that layout (_bench_peers.products_setup)
+  products[steps] the per-step products alone, forward and backward (2 n_a / (3 (n_x + n_a))
+                  of the model FLOPs): the serial part, which no layout can batch; its
+                  GFLOP/s and % peak count these FLOPs only
   torch           PyTorch nn.LSTM / GRU / RNN on the CPU, autograd (default thread count);
                   its nn.LSTM runs oneDNN's fused RNN primitive
   torch-aten      (LSTM) the same nn.LSTM with oneDNN switched off: PyTorch's ATen path, a
@@ -92,6 +100,11 @@ def model_flops(cell, T, B, n_x, n_a):
     return 3 * 2 * T * B * (n_x + n_a) * GATES[cell] * n_a
 
 
+def step_flops(cell, T, B, n_x, n_a):
+    """The per-step products, forward and backward: 2 * 2*T*B*n_a*G*n_a."""
+    return 2 * 2 * T * B * n_a * GATES[cell] * n_a
+
+
 class Notes:
     """Skips and failures, each said once."""
 
@@ -152,16 +165,22 @@ def compile_jax(name, fwd, params, xs, state0, w):
     def loss(p, xs, s0, w):
         return jnp.sum(fwd(p, xs, s0) * w)
 
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(params, xs, state0, w).compile()
+    return compiled_variant(name, jax.grad(loss, argnums=(0, 1, 2)), params, xs, state0, w)
+
+
+def compiled_variant(name, fn, *args):
+    """``fn`` jitted and compiled for ``args`` ahead of time, with its XLA temp memory."""
+    compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = None if mem is None else int(mem.temp_size_in_bytes)
-    return Variant(name, "jax", lambda: jax.block_until_ready(compiled(params, xs, state0, w)),
-                   temp)
+    return Variant(name, "jax", lambda: jax.block_until_ready(compiled(*args)), temp)
 
 
-def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, checkpoints=None):
+def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, checkpoints=None,
+                   products=True):
     """Every variant of one (cell, shape), JAX ones compiled; torch only if with_peers_time;
-    ``checkpoints``: more "checkpoint" variants, label -> keywords."""
+    ``checkpoints``: more "checkpoint" variants, label -> keywords; "products" only if
+    ``products``."""
     T, B, n_x, n_a = shape
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     xs = jax.random.normal(k[0], (T, B, n_x), jnp.float32)
@@ -190,9 +209,18 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True,
     if avail.get("equinox"):
         specs.append(("equinox", lambda: peers.equinox_setup(cell, k[5], n_x, n_a, a0, c0)))
 
+    if products:
+        specs.append(("products", lambda: peers.products_setup(cell, k[5], T, B, n_x, n_a, a0, w)))
+        specs.append(("products[steps]", lambda: peers.products_setup(
+            cell, k[5], T, B, n_x, n_a, a0, w, steps_only=True)))
+
     variants = []
     for name, setup in specs:
         try:
+            if name.startswith("products"):
+                fn, weights = setup()
+                variants.append(compiled_variant(name, fn, *weights, xs, a0, w))
+                continue
             fwd, p, s = setup()
             variants.append(compile_jax(name, fwd, p, xs, s, w))
         except peers.Unsupported as e:
@@ -254,7 +282,6 @@ def rel_err(got, ref):
 
 def summarize(cell, shape, variants, times, faults, peak_gflops):
     T, B, n_x, n_a = shape
-    flops = model_flops(cell, *shape)
     by = {v.name: v for v in variants}
     med = {name: statistics.median(ts) for name, ts in times.items() if ts}
     ref_t, torch_t, scan_t = med.get("autodiff"), med.get("torch"), med.get("scan")
@@ -263,6 +290,7 @@ def summarize(cell, shape, variants, times, faults, peak_gflops):
     rows = []
     for v in variants:
         ts = times.get(v.name, [])
+        flops = (step_flops if v.name == "products[steps]" else model_flops)(cell, *shape)
         row = {"cell": cell, "T": T, "B": B, "n_x": n_x, "n_a": n_a, "variant": v.name,
                "model_gflop": flops / 1e9,
                "temp_mib": None if v.temp_bytes is None else v.temp_bytes / MiB,
@@ -366,6 +394,8 @@ def markdown(path):
                     "x_autodiff", "x_scan", "x_torch", "x_autodiff_paired", "x_scan_paired",
                     "x_torch_paired", "x_torch-aten_paired", "pct_gemm_peak",
                     "mem_x_autodiff", "mem_x_scan")) + " |")
+    for cell, rows in data["results"].items():
+        out += bounds_markdown(cell, rows, data["gemm_peak_gflops_used"])
     sweep = data.get("sweep", {})
     rows, Ts = sweep.get("rows", []), sweep.get("T", [])
     get = {(r["variant"], r["T"]): r for r in rows}
@@ -380,6 +410,59 @@ def markdown(path):
         print("\n".join(out))
     except BrokenPipeError:  # the reader stopped early (| head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def product_bounds(rows, peak_gflops):
+    """Per shape of one cell, the least time its matmuls allow in XLA: the per-step products
+    as measured (``products[steps]``), one after the other as the recurrence has them, plus
+    the rest of the model FLOPs (the per-chunk products) at the GEMM peak, with no
+    elementwise work at all. Against autodiff and PyTorch as paired medians (each round's
+    bound over the same round's time), and the default's and the ``products`` variant's
+    time over the bound (paired)."""
+    out = []
+    for shape in dict.fromkeys((r["T"], r["B"], r["n_x"], r["n_a"]) for r in rows):
+        by = {r["variant"]: r for r in rows if (r["T"], r["B"], r["n_x"], r["n_a"]) == shape}
+        steps = by.get("products[steps]", {}).get("times_ms")
+        if not steps:
+            continue
+        cell = by["products[steps]"]["cell"]
+        rest_ms = (model_flops(cell, *shape) - step_flops(cell, *shape)) / peak_gflops / 1e6
+        bound = [t + rest_ms for t in steps]
+
+        def ratio(name, inverse=False):
+            ts = by.get(name, {}).get("times_ms")
+            if not ts or len(ts) != len(bound):
+                return None
+            return statistics.median([(t / b) if inverse else (b / t) for b, t in zip(bound, ts)])
+
+        b = statistics.median(bound)
+        out.append({"shape": shape, "steps_ms": statistics.median(steps), "rest_ms": rest_ms,
+                    "bound_ms": b, "x_autodiff": ratio("autodiff"), "x_torch": ratio("torch"),
+                    "pct_gemm_peak": 100 * model_flops(cell, *shape) / b / 1e6 / peak_gflops,
+                    "default_x_bound": ratio("bptt[gates]", inverse=True),
+                    "products_x_bound": ratio("products", inverse=True)})
+    return out
+
+
+def bounds_markdown(cell, rows, peak_gflops):
+    """`product_bounds` of one cell as a markdown table (no lines without products[steps])."""
+    bounds = product_bounds(rows, peak_gflops)
+    if not bounds:
+        return []
+    keys = ("x_autodiff", "x_torch", "pct_gemm_peak", "products_x_bound", "default_x_bound")
+    spec = {k: ".0f" if k == "pct_gemm_peak" else ".2f" for k in keys}
+    out = ["", f"**What the products allow, {cell.upper()}** (paired medians)", "",
+           "| T, B, n_x, n_a | step products ms | the rest at GEMM peak ms | bound ms "
+           "| bound ×autodiff | bound ×torch | bound % peak | products ×bound "
+           "| default ×bound |", "|" + "---|" * 9]
+    for b in bounds:
+        out.append(f"| {', '.join(map(str, b['shape']))} | " + " | ".join(
+            [_md(b[k], ".1f") for k in ("steps_ms", "rest_ms", "bound_ms")]
+            + [_md(b[k], spec[k]) for k in keys]) + " |")
+    gm = {k: float(np.exp(np.mean(np.log([b[k] for b in bounds]))))
+          if all(b[k] for b in bounds) else None for k in keys}
+    out.append("| geometric mean | | | | " + " | ".join(_md(gm[k], spec[k]) for k in keys) + " |")
+    return out
 
 
 def fmt(x, spec, width):
@@ -585,6 +668,7 @@ def main():
         print_table(cell, rows)
         gm[cell] = geomeans(rows)
         print_geomeans(cell, gm[cell])
+        print("\n".join(bounds_markdown(cell, rows, peak)))
         print(f"({cell}: {time.perf_counter() - t_cell:.0f} s)", flush=True)
 
     sweep_rows = []
@@ -595,7 +679,7 @@ def main():
             print(f"[sweep T={T}] compiling{' and timing' if timed else ' (memory only)'} ...",
                   flush=True)
             variants = build_variants("lstm", (T, sB, sx, sa), policies, avail, notes,
-                                      with_peers_time=timed,
+                                      with_peers_time=timed, products=False,
                                       checkpoints={
                                           label: kw for label, kw in SWEEP_CHECKPOINTS.items()
                                           if not isinstance(kw["chunk"], tuple)
