@@ -10,6 +10,8 @@ Flax, Equinox and PyTorch are optional: their builders raise ImportError when th
 library is missing (the benchmark skips that peer with a note).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,13 +218,13 @@ def default_chunk(cell, T, B, n_a):
 
 
 def products_setup(cell, key, T, B, n_x, n_a, a0, w, steps_only=False):
-    """The matmuls of jaxbptt's chunked BPTT at its default chunk, with one elementwise op
-    per step in place of the cell's gate arithmetic. Per chunk of K steps: the input
-    projection (K B, n_x)·(n_x, G n_a), and in the backward dWh, dWx and dx over its K B
-    rows; per step: the recurrent product (B, n_a)·(n_a, G n_a) forward and
-    (B, G n_a)·(G n_a, n_a) backward. The forward keeps the step's (B, G n_a) products
-    for the backward, as the default keeps its G gates. Not a gradient: its time is what
-    XLA takes for the model FLOPs in this layout, a bound on what the layout can reach.
+    """The matmuls of jaxbptt's chunked BPTT at its default chunk, with the cell's
+    elementwise work cut to a tanh per step forward and a tile-and-multiply backward. Per
+    chunk of K steps: the input projection (K B, n_x)·(n_x, G n_a), and in the backward dWh,
+    dWx and dx over its K B rows; per step: the recurrent product (B, n_a)·(n_a, G n_a)
+    forward and (B, G n_a)·(G n_a, n_a) backward. The forward keeps each step's
+    (B, G n_a) product and hidden state for the backward. Not a gradient: its time is what
+    XLA takes for the model FLOPs in this layout.
     ``steps_only``: the per-step products alone (two plain scans over T), the part that no
     layout can batch: one after the other, each waiting for the step before.
 
@@ -238,27 +240,31 @@ def products_setup(cell, key, T, B, n_x, n_a, a0, w, steps_only=False):
     Wh = jax.random.uniform(kh, (G * n_a, n_a), jnp.float32, -bound, bound)
     Wx = jax.random.uniform(kx, (G * n_a, n_x), jnp.float32, -bound, bound)
 
-    def forward_step(a, zx_t):
+    # The steps take Wh as an argument (traced, as the library's fused weights are): closed
+    # over, it would be a constant that XLA could lay out for the product at compile time.
+    def forward_step(Wh, a, zx_t):
         z = zx_t + a @ Wh.T
         a = jnp.tanh(z[:, :n_a])
         return a, (a, z)
 
-    def backward_step(da, step_in):
+    def backward_step(Wh, da, step_in):
         z_t, w_t = step_in
         dz = jnp.tile(da + w_t, (1, G)) * (0.5 * z_t)
         return dz @ Wh, dz
 
     def steps(Wh, xs, a0, w):
         del xs
-        _, (_, zs) = lax.scan(forward_step, a0, jnp.zeros((T, B, G * n_a), a0.dtype))
-        da0, _ = lax.scan(backward_step, jnp.zeros_like(a0), (zs, w), reverse=True)
+        zx = jnp.zeros((T, B, G * n_a), a0.dtype)
+        _, (_, zs) = lax.scan(functools.partial(forward_step, Wh), a0, zx)
+        da0, _ = lax.scan(functools.partial(backward_step, Wh), jnp.zeros_like(a0), (zs, w),
+                          reverse=True)
         return da0
 
     def chunked(Wh, Wx, xs, a0, w):
         n = T // K
 
-        def forward_chunk(a, x_k):
-            return lax.scan(forward_step, a, x_k @ Wx.T)  # (K, B, G n_a) projection
+        def forward_chunk(a, x_k):  # x_k Wx^T: the chunk's (K, B, G n_a) projection
+            return lax.scan(functools.partial(forward_step, Wh), a, x_k @ Wx.T)
 
         xs_k = xs.reshape(n, K, B, n_x)
         _, (hs, zs) = lax.scan(forward_chunk, a0, xs_k)
@@ -267,7 +273,8 @@ def products_setup(cell, key, T, B, n_x, n_a, a0, w, steps_only=False):
         def backward_chunk(carry, chunk_in):
             da, dWh, dWx = carry
             x_k, z_k, start, h_k, w_k = chunk_in
-            da, dz = lax.scan(backward_step, da, (z_k, w_k), reverse=True)
+            da, dz = lax.scan(functools.partial(backward_step, Wh), da, (z_k, w_k),
+                              reverse=True)
             prevs = jnp.concatenate([start[None], h_k[:-1]])
             dWh = dWh + jnp.einsum("tbg,tbj->gj", dz, prevs)
             dWx = dWx + jnp.einsum("tbg,tbj->gj", dz, x_k)

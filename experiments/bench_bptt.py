@@ -25,9 +25,9 @@ state(s), float32, for:
   equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
   products        not a gradient: the matmuls of bptt[gates]'s layout alone (per chunk the
                   input projection and dWh, dWx, dx; per step the recurrent product forward
-                  and backward), one elementwise op per step in place of the cell's, the
-                  products kept for the backward as the gates are: what XLA takes for the
-                  model FLOPs in that layout (_bench_peers.products_setup)
+                  and backward), the cell's elementwise work cut to a tanh forward and a
+                  tile-and-multiply backward: what XLA takes for the model FLOPs in that
+                  layout (_bench_peers.products_setup)
   products[steps] the per-step products alone, forward and backward (2 n_a / (3 (n_x + n_a))
                   of the model FLOPs): the serial part, which no layout can batch; its
                   GFLOP/s and % peak count these FLOPs only
@@ -413,10 +413,11 @@ def markdown(path):
 
 
 def product_bounds(rows, peak_gflops):
-    """Per shape of one cell, the least time its matmuls allow in XLA: the per-step products
-    as measured (``products[steps]``), one after the other as the recurrence has them, plus
-    the rest of the model FLOPs (the per-chunk products) at the GEMM peak, with no
-    elementwise work at all. Against autodiff and PyTorch as paired medians (each round's
+    """Per shape of one cell, an estimate of the least time its matmuls allow on XLA's CPU
+    runtime, which runs nothing beside a loop (cpu_limits.py): the per-step products as
+    timed (``products[steps]``; each of the 2 T waits on the one before), plus the rest of
+    the model FLOPs (the per-chunk products) at the GEMM rate of the run, with no
+    elementwise work beyond that of ``products[steps]``. Against autodiff and PyTorch as paired medians (each round's
     bound over the same round's time), and the default's and the ``products`` variant's
     time over the bound (paired)."""
     out = []
