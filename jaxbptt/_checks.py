@@ -68,12 +68,24 @@ def params(p, spec):
     dtype = most_common([dt for _, dt in shapes.values()])
     for field, dims in spec.items():
         shape, dt = shapes[field]
-        expected = tuple(sizes[d] for d in dims)
-        if shape != expected:
+        if shape != tuple(sizes[d] for d in dims):
+            # The sizes as the other fields give them; one that only this field gives (the
+            # RNN's n_x, from Wax alone) is left as its name, not read from the bad shape.
+            o_a = most_common([z for f, ds in spec.items() if f != field
+                               for z, d in zip(shapes[f][0], ds) if d == "n_a"])
+            o_x = most_common([z if d == "n_x" else z - o_a
+                               for f, ds in spec.items() if f != field
+                               for z, d in zip(shapes[f][0], ds) if d in ("n_x", "n_a+n_x")])
+            known = {"n_a": o_a, "n_x": o_x,
+                     "n_a+n_x": None if o_x is None else o_a + o_x}
+            expected = ", ".join(d if known[d] is None else str(known[d]) for d in dims)
+            expected += "," if len(dims) == 1 else ""
+            given = " and ".join(f"{d}={v}" for d, v in (("n_a", o_a), ("n_x", o_x))
+                                 if v is not None)
             others = ", ".join(f"{f} {s}" for f, (s, _) in shapes.items() if f != field)
             raise ValueError(
-                f"{kind}.{field} has shape {shape}, expected {expected} = "
-                f"({', '.join(dims)}) with n_a={n_a} and n_x={n_x}, the sizes of the "
+                f"{kind}.{field} has shape {shape}, expected ({expected}) = "
+                f"({', '.join(dims)}) with {given}, the sizes of the "
                 f"other fields ({others})")
         if dt != dtype:
             raise TypeError(f"{kind} mixes dtypes: {kind}.{field} is {dt} but the "
@@ -158,6 +170,15 @@ def lengths(x, B, T):
     return jnp.clip(x, 0, T).astype(jnp.int32)
 
 
+_SIZES = {"n_x": "the input size", "n_a": "the hidden size", "n_y": "the number of classes"}
+
+
+def sizes(**named):
+    """``init_*``'s sizes, in the order given, as ints: positive ints, or a ValueError
+    naming the one that is not."""
+    return tuple(positive_int(name, n, f" ({_SIZES[name]})") for name, n in named.items())
+
+
 def positive_int(name, k, accepted=""):
     """A positive Python or NumPy int (not a bool) as an int, or a ValueError."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -205,7 +226,7 @@ def slots(m, residuals, chunk):
     if residuals != "checkpoint" or isinstance(chunk, tuple):
         raise ValueError(f"slots= needs residuals='checkpoint' and an int (or default) chunk=, "
                          f"got slots={m!r} with residuals={residuals!r}, chunk={chunk!r}")
-    return _static_steps("slots", m)
+    return positive_int("slots", m, " (a static number of chunk starts) or None")
 
 
 def probe(p, state0, T):

@@ -67,6 +67,7 @@ def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParam
     ``bf = forget_bias`` (1.0 by default, Jozefowicz et al. 2015) keeps the
     memory open at initialisation.
     """
+    n_x, n_a = _checks.sizes(n_x=n_x, n_a=n_a)
     k = 1.0 / math.sqrt(n_a)
     keys = jax.random.split(key, 4)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]

@@ -79,6 +79,32 @@ def test_params_first_field_wrong(cell):
     assert str(info.value).startswith(f"{type(params).__name__}.{field} has shape (6,"), info.value
 
 
+def test_params_transposed_input_weight():
+    # the RNN's n_x comes from Wax alone: the message must not read it from the bad shape
+    _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
+    _raises(ValueError, ["RNNParams.Wax has shape (3, 5)", "expected (5, n_x)", "n_a=5"],
+            jb.rnn, params._replace(Wax=params.Wax.T), xs, a0)
+
+
+@pytest.mark.parametrize("init", [jb.init_rnn, jb.init_lstm, jb.init_gru])
+def test_init_sizes(init):
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=re.escape("n_a must be a positive int (the hidden "
+                                                   "size), got 0")):
+        init(key, 3, 0)
+    with pytest.raises(ValueError, match=re.escape("n_x must be a positive int (the input "
+                                                   "size), got -1")):
+        init(key, -1, 4)
+    with pytest.raises(ValueError, match="n_a must be a positive int"):
+        init(key, 3, 4.0)
+
+
+def test_init_output_sizes():
+    with pytest.raises(ValueError, match=re.escape("n_y must be a positive int (the number of "
+                                                   "classes), got 0")):
+        jb.init_output(jax.random.PRNGKey(0), 4, 0)
+
+
 def test_params_rank():
     fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
     bad = params._replace(bf=params.bf[:, None])

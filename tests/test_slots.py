@@ -82,7 +82,8 @@ def test_bad_slots():
     with pytest.raises(ValueError, match="slots= needs residuals='checkpoint' and an int"):
         fn(params, xs, state0, residuals="checkpoint", chunk=(4, 2), slots=3)
     for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="slots must be a positive int"):
+        with pytest.raises(ValueError, match=r"slots must be a positive int \(a static number "
+                                             r"of chunk starts\)"):
             fn(params, xs, state0, residuals="checkpoint", slots=bad)
     with pytest.raises(ValueError, match="slots= cannot be given with a memory budget"):
         fn(params, xs, state0, residuals=10**9, slots=3)
