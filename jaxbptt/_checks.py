@@ -75,9 +75,10 @@ def params(p, spec):
                                for z, d in zip(shapes[f][0], ds) if d == "n_a"])
             o_x = most_common([z if d == "n_x" else z - o_a
                                for f, ds in spec.items() if f != field
-                               for z, d in zip(shapes[f][0], ds) if d in ("n_x", "n_a+n_x")])
+                               for z, d in zip(shapes[f][0], ds)
+                               if d == "n_x" or (d == "n_a+n_x" and o_a is not None)])
             known = {"n_a": o_a, "n_x": o_x,
-                     "n_a+n_x": None if o_x is None else o_a + o_x}
+                     "n_a+n_x": None if None in (o_a, o_x) else o_a + o_x}
             expected = ", ".join(d if known[d] is None else str(known[d]) for d in dims)
             expected += "," if len(dims) == 1 else ""
             given = " and ".join(f"{d}={v}" for d, v in (("n_a", o_a), ("n_x", o_x))
