@@ -1,7 +1,9 @@
-"""Peer implementations for bench_bptt.py: textbook scan, remat, Flax linen, Equinox, PyTorch.
+"""Peer implementations for bench_bptt.py: textbook scan, remat, Flax linen, Equinox, PyTorch;
+and the default layout's matmuls alone (``products_setup``, not a gradient).
 
-Every JAX builder returns ``(fwd, params, state0)`` with ``fwd(params, xs, state0) -> hs``
-(hs (T, B, n_a), time-major), so the benchmark differentiates all of them the same way:
+Every JAX builder but ``products_setup`` returns ``(fwd, params, state0)`` with
+``fwd(params, xs, state0) -> hs`` (hs (T, B, n_a), time-major), so the benchmark
+differentiates all of them the same way:
 ``jax.grad(lambda p, xs, s0, w: sum(fwd(p, xs, s0) * w), argnums=(0, 1, 2))``.
 ``a0`` and ``c0`` are (B, n_a) arrays shared by every implementation; ``c0`` is None but
 for the LSTM. The GRU is the cuDNN / PyTorch / Flax form everywhere.
