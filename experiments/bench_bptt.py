@@ -417,9 +417,9 @@ def product_bounds(rows, peak_gflops):
     runtime, which runs nothing beside a loop (cpu_limits.py): the per-step products as
     timed (``products[steps]``; each of the 2 T waits on the one before), plus the rest of
     the model FLOPs (the per-chunk products) at the GEMM rate of the run, with no
-    elementwise work beyond that of ``products[steps]``. Against autodiff and PyTorch as paired medians (each round's
-    bound over the same round's time), and the default's and the ``products`` variant's
-    time over the bound (paired)."""
+    elementwise work beyond that of ``products[steps]``. Against autodiff and PyTorch as
+    paired medians (each round's bound over the same round's time), and the default's and
+    the ``products`` variant's time over the bound (paired)."""
     out = []
     for shape in dict.fromkeys((r["T"], r["B"], r["n_x"], r["n_a"]) for r in rows):
         by = {r["variant"]: r for r in rows if (r["T"], r["B"], r["n_x"], r["n_a"]) == shape}
@@ -460,8 +460,7 @@ def bounds_markdown(cell, rows, peak_gflops):
         out.append(f"| {', '.join(map(str, b['shape']))} | " + " | ".join(
             [_md(b[k], ".1f") for k in ("steps_ms", "rest_ms", "bound_ms")]
             + [_md(b[k], spec[k]) for k in keys]) + " |")
-    gm = {k: float(np.exp(np.mean(np.log([b[k] for b in bounds]))))
-          if all(b[k] for b in bounds) else None for k in keys}
+    gm = {k: geomean([b[k] for b in bounds]) for k in keys}
     out.append("| geometric mean | | | | " + " | ".join(_md(gm[k], spec[k]) for k in keys) + " |")
     return out
 
@@ -513,13 +512,17 @@ GEOMEAN_KEYS = ("x_autodiff", "x_scan", "x_torch", "pct_gemm_peak", "mem_x_autod
                 "x_torch-aten_paired")
 
 
+def geomean(values):
+    """The geometric mean of ``values``; None if any is missing (None or 0)."""
+    return float(np.exp(np.mean(np.log(values)))) if all(values) else None
+
+
 def geomeans(rows):
     """Per variant, the geometric mean over the shapes of each ratio (the goals' measure)."""
     out = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
-        out[name] = {k: float(np.exp(np.mean(np.log([r[k] for r in rs]))))
-                     if all(r.get(k) for r in rs) else None for k in GEOMEAN_KEYS}
+        out[name] = {k: geomean([r.get(k) for r in rs]) for k in GEOMEAN_KEYS}
     return out
 
 

@@ -56,11 +56,15 @@ def params(p, spec):
     def most_common(votes):  # Counter keeps first-seen order among equal counts
         return collections.Counter(votes).most_common(1)[0][0] if votes else None
 
-    pairs = [(size, dim) for field, dims in spec.items()
-             for size, dim in zip(shapes[field][0], dims)]
-    n_a = most_common([size for size, dim in pairs if dim == "n_a"])
-    n_x = most_common([size if dim == "n_x" else size - n_a
-                       for size, dim in pairs if dim in ("n_x", "n_a+n_x")])
+    def sizes_from(fields):
+        """n_a and n_x as most of ``fields`` give them (None for one that none gives)."""
+        pairs = [(size, dim) for f in fields for size, dim in zip(shapes[f][0], spec[f])]
+        n_a = most_common([size for size, dim in pairs if dim == "n_a"])
+        n_x = most_common([size if dim == "n_x" else size - n_a for size, dim in pairs
+                           if dim == "n_x" or (dim == "n_a+n_x" and n_a is not None)])
+        return n_a, n_x
+
+    n_a, n_x = sizes_from(spec)
     if n_x is None or n_x < 1:
         raise ValueError(f"{kind}: cannot read an input size n_x >= 1 from shapes "
                          f"{ {f: s for f, (s, _) in shapes.items()} } with n_a={n_a}")
@@ -71,12 +75,7 @@ def params(p, spec):
         if shape != tuple(sizes[d] for d in dims):
             # The sizes as the other fields give them; one that only this field gives (the
             # RNN's n_x, from Wax alone) is left as its name, not read from the bad shape.
-            o_a = most_common([z for f, ds in spec.items() if f != field
-                               for z, d in zip(shapes[f][0], ds) if d == "n_a"])
-            o_x = most_common([z if d == "n_x" else z - o_a
-                               for f, ds in spec.items() if f != field
-                               for z, d in zip(shapes[f][0], ds)
-                               if d == "n_x" or (d == "n_a+n_x" and o_a is not None)])
+            o_a, o_x = sizes_from([f for f in spec if f != field])
             known = {"n_a": o_a, "n_x": o_x,
                      "n_a+n_x": None if None in (o_a, o_x) else o_a + o_x}
             expected = ", ".join(d if known[d] is None else str(known[d]) for d in dims)
