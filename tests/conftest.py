@@ -1,4 +1,4 @@
-"""Test configuration: float64 on, strict rank promotion, backends from jax.devices()."""
+"""Test configuration: float64 on, strict rank promotion, LLVM -O0, backends from jax.devices()."""
 
 import os
 
@@ -6,6 +6,15 @@ import os
 # each would otherwise reserve most of its memory at start, and the second would fail.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# The suite compiles hundreds of small programs, and compiling is most of its time. LLVM at -O0
+# takes about a third less (the CLI and training tests, in subprocesses too, inherit it). The
+# HLO is the same at every level: the optimized module and its temp memory, which the tests
+# check, are identical. `jaxbptt check` runs at XLA's default level. To test at another level,
+# set --xla_backend_optimization_level in XLA_FLAGS yourself.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

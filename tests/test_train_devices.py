@@ -18,7 +18,8 @@ pytest.importorskip("names")
 
 
 def _train(out, steps, devices):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = os.environ.get("XLA_FLAGS", "")  # conftest.py's, kept
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4"}
     cmd = [sys.executable, "-m", "jaxbptt.cli", "train", "charlm", "--out", str(out),
            "--steps", str(steps), "--devices", str(devices), "--batch", "8", "--hidden", "8",
            "--save-every", "10", "--sample-every", "0", "--quiet"]
