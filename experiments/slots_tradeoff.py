@@ -33,7 +33,7 @@ def variants(T):
            (f"checkpoint K={K}", dict(residuals="checkpoint"))]
     out += [(f"nested {c}", dict(residuals="checkpoint", chunk=c)) for c in ((64, 8), (64, 4, 1))
             if T % 64 == 0]
-    for k, ms in ((8, (4, 8, 16, 32, 64)), (2, (6, 18))):
+    for k, ms in ((8, (4, 8, 16, 32, 64)), (2, (6, 18)), (1, (32,))):
         out += [(f"K={k}, m={m}", dict(residuals="checkpoint", chunk=k, slots=m)) for m in ms
                 if m < -(-T // k)]
     return out, K
@@ -104,18 +104,23 @@ def plot(rows, T, path):
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    groups = {"slots, K=8": "K=8,", "slots, K=2": "K=2,", "nested": "nested", "one start per chunk":
-              "checkpoint K=", "gates (default)": "gates"}
+    groups = {"slots, K=8": "K=8,", "slots, K=2": "K=2,", "slots, K=1": "K=1,",
+              "nested": "nested", "one start per chunk": "checkpoint K=",
+              "gates (default)": "gates"}
     for label, prefix in groups.items():
         pts = sorted((r["temp_mib"], r["relative"]) for r in rows
                      if r["variant"].startswith(prefix))
         if pts:
             ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 else "", label=label)
-    for r in rows:
-        if "slots" in r or isinstance(r.get("chunk"), tuple):
-            text = f"m={r['slots']}" if "slots" in r else str(r["chunk"])
+    for i, r in enumerate(rows):  # slots labels above and below in turn: neighbours are close
+        if "slots" in r or isinstance(r.get("chunk"), (tuple, list)):
+            text = f"m={r['slots']}" if "slots" in r else str(tuple(r["chunk"]))
+            if r.get("chunk") == 1:
+                offset, ha = (6, -3), "left"
+            else:
+                offset, ha = ((0, 6) if i % 2 or "slots" not in r else (0, -13)), "center"
             ax.annotate(text, (r["temp_mib"], r["relative"]), fontsize=8,
-                        textcoords="offset points", xytext=(4, 4))
+                        textcoords="offset points", xytext=offset, ha=ha)
     ax.set_xscale("log")
     ticks = [2.0**i for i in range(-1, 12)]
     lo, hi = min(r["temp_mib"] for r in rows), max(r["temp_mib"] for r in rows)
