@@ -2,6 +2,7 @@
 
 from jaxbptt import _driver
 from jaxbptt import interop as interop  # torch and flax are imported lazily
+from jaxbptt import ng as ng  # the course's functions and layout
 from jaxbptt import slots as slots
 from jaxbptt.gru import GRUParams as GRUParams
 from jaxbptt.gru import gru as gru

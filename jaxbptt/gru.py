@@ -276,7 +276,8 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
         placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
-      ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
+      ``(hs, a_T)``: all hidden states (T, B, n_a), or (B, T, n_a) with
+      ``time_major=False``, and the final one (B, n_a).
     """
     _checks.params_type(params, GRUParams, "jb.init_gru")
     variant = gru_variant(params, variant)

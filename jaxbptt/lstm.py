@@ -218,8 +218,9 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
         placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
-      ``(hs, state_T)``: all hidden states a<t> (T, B, n_a) and the final
-      `LSTMState`. Gradients flow to params, xs, a0 and c0.
+      ``(hs, state_T)``: all hidden states a<t> (T, B, n_a), or (B, T, n_a) with
+      ``time_major=False``, and the final `LSTMState`. Gradients flow to params,
+      xs, a0 and c0.
     """
     _checks.params_type(params, LSTMParams, "jb.init_lstm")
     n_a, n_x, dtype = _checks.params(params, _SPEC)

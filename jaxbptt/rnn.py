@@ -132,7 +132,8 @@ def rnn(params: RNNParams, xs, a0=None, *, backward: str = "bptt", lengths=None,
         placed by Gruslys et al.'s dynamic programme (`jaxbptt.slots`).
 
     Returns:
-      ``(hs, a_T)``: all hidden states (T, B, n_a) and the final one (B, n_a).
+      ``(hs, a_T)``: all hidden states (T, B, n_a), or (B, T, n_a) with
+      ``time_major=False``, and the final one (B, n_a).
     """
     _checks.params_type(params, RNNParams, "jb.init_rnn")
     n_a, n_x, dtype = _checks.params(params, _SPEC)
