@@ -71,7 +71,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     as above. With ``slots`` = m < ceil(T/K): m + 1 chunk starts (a scratch slot),
     and the reruns' input projections (K z), which XLA keeps apart.
     XLA's temp memory was 0.82-1.03x this for the LSTM, 0.85-1.10x for the GRU and
-    0.68-1.15x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py).
+    0.68-1.15x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py); for
+    one-step chunks with one to four slots, 0.99x, 0.80-0.89x and 0.54-0.61x.
     """
     sizes = K if isinstance(K, tuple) else (K,)
     n = -(-T // sizes[0])
@@ -134,8 +135,9 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     (1.3 + 0.3 F / n) (1 + 1/K) for F reruns of n chunks. (Nested checkpointing,
     ``chunk=(K1, K2, ...)``, is one schedule of the same kind with as many slots,
     never fewer forwards, and more memory; the plan does not offer it.)
-    The least memory is one-step chunks with one slot (an LSTM at (T, B, n_x, n_a) =
-    (100, 32, 64, 128): 1.24 MB of XLA temp memory, 1.60 MB with two-step chunks).
+    Past a few steps, the least memory is one-step chunks with one slot (an LSTM at
+    (T, B, n_x, n_a) = (100, 32, 64, 128): 1.24 MB of XLA temp memory, 1.60 MB with
+    two-step chunks).
     Raises ``ValueError`` when nothing fits.
     """
     budget = check_budget(budget)
@@ -189,7 +191,7 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
       a `Plan` ``(residuals, chunk, bytes, slots)``: the policy, the steps per
       chunk, the estimated bytes kept (what stays alive through the backward plus
       one chunk's transients and the weight-sized buffers: an estimate, XLA's
-      ``temp_size_in_bytes`` came 0.68-1.15x it, see the README) and,
+      ``temp_size_in_bytes`` came 0.54-1.15x it, see the README) and,
       for ``"checkpoint"`` keeping fewer chunk starts than chunks, how many.
 
     Raises:

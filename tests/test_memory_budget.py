@@ -97,7 +97,8 @@ def test_slots_for_a_long_sequence():
 @pytest.mark.parametrize("cell", CELLS)
 def test_least_plan_keeps_what_it_says(cell):
     # The smallest budget any plan fits, one-step chunks with one slot: XLA's compiled
-    # temp memory of that plan stays within 15 % of its estimate.
+    # temp memory of that plan stays below 1.15x its estimate (it is 0.99x for the LSTM,
+    # about 0.8x for the GRUs and 0.55x for the RNN: the estimate errs high there).
     fn, params, xs, state0 = make(cell, 60, 16, 32, 64, dtype=np.float32)
     lo, hi = 1, jb.residual_plan(params, xs, 2**40).bytes
     while lo < hi:  # bisection: the least budget with a plan
