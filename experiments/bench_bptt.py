@@ -156,8 +156,9 @@ def versions(avail):
 
 
 class Variant:
-    def __init__(self, name, kind, run, temp_bytes=None):
+    def __init__(self, name, kind, run, temp_bytes=None, compiled=None):
         self.name, self.kind, self.run, self.temp_bytes = name, kind, run, temp_bytes
+        self.compiled = compiled  # the XLA executable (JAX variants)
         self.out = None  # the gradients of the first warm-up run (JAX variants)
 
 
@@ -173,7 +174,7 @@ def compiled_variant(name, fn, *args):
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = None if mem is None else int(mem.temp_size_in_bytes)
-    return Variant(name, "jax", lambda: jax.block_until_ready(compiled(*args)), temp)
+    return Variant(name, "jax", lambda: jax.block_until_ready(compiled(*args)), temp, compiled)
 
 
 def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True, checkpoints=None,
