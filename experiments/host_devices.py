@@ -79,8 +79,8 @@ def _setup(impl, cell, key, n_x, n_a, a0, c0):
 
 def variants_for(cell, shape, n, avail, notes):
     """Each implementation on one device (``<impl>``) and on N devices, with the mesh axis
-    Auto (``<impl>@N``) and Explicit (``<impl>@N explicit``, compiled under ``jax.set_mesh``),
-    and torch."""
+    Auto (``<impl>@N``) and Explicit (``<impl>@N explicit``), each compiled under
+    ``jax.set_mesh`` of its mesh; and torch."""
     T, B, n_x, n_a = shape
     k = jax.random.split(jax.random.PRNGKey(0), 6)
     xs = jax.random.normal(k[0], (T, B, n_x))
@@ -110,8 +110,10 @@ def variants_for(cell, shape, n, avail, notes):
 
 
 def all_reduces(compiled):
-    """All-reduces one call executes: those of each computation times the trip counts of the
-    loops around it (XLA's ``known_trip_count``), from the compiled HLO text."""
+    """All-reduces one call executes, from the compiled HLO text: those of each computation
+    times the trip counts of the while loops around it (XLA's ``known_trip_count``; None if
+    a loop has none). A computation reached otherwise (a call, a conditional's branch) counts
+    once."""
     count, parent, trips, comp = {}, {}, {}, None
     for line in compiled.as_text().splitlines():
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
