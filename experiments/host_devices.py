@@ -38,10 +38,18 @@ import sys
 import time
 
 
+def _cpus():
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (Linux)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=os.cpu_count() or 2,
-                   help="host devices to split the batch over (default: the CPU count)")
+    p.add_argument("--devices", type=int, default=_cpus(),
+                   help="host devices to split the batch over (default: the CPUs this "
+                   "process may run on)")
     p.add_argument("--runs", type=int, default=15, help="timed rounds per shape")
     p.add_argument("--warmup", type=int, default=2, help="warm-up rounds")
     p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset")
@@ -65,7 +73,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import _bench_peers as peers  # noqa: E402
 from _common import write_json  # noqa: E402
 from bench_bptt import (SHAPES, Notes, Variant, available_peers, compile_jax,  # noqa: E402
-                        geomean, rel_err, time_interleaved)
+                        geomean, rel_err, time_interleaved, versions)
 
 IMPLS = ("bptt", "autodiff", "scan")
 
@@ -121,9 +129,11 @@ def all_reduces(compiled):
         elif re.search(r" all-reduce(-start)?\(", line):
             count[comp] = count.get(comp, 0) + 1
         elif " while(" in line:
-            body = re.search(r"body=(%[\w.\-]+)", line).group(1)
+            body = re.search(r"body=(%?[\w.\-]+)", line)
             n = re.search(r'"n":"(\d+)"', line)
-            parent[body], trips[body] = comp, int(n.group(1)) if n else None
+            if body:
+                parent[body.group(1)] = comp
+                trips[body.group(1)] = int(n.group(1)) if n else None
     total = 0
     for c, k in count.items():
         while c in parent:
@@ -147,12 +157,23 @@ def main():
         return
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     n = args.devices
+    if n < 2:
+        sys.exit(f"--devices {n}: nothing to split the batch over; pass --devices 2 or more")
     if len(jax.devices()) < n:
         sys.exit(f"asked for {n} devices, JAX has {len(jax.devices())}")
+    if not any(shape[1] % n == 0 for cell in cells for shape in SHAPES[cell]):
+        sys.exit(f"--devices {n} divides no benchmark batch size "
+                 f"{sorted({s[1] for c in cells for s in SHAPES[c]})}; pass --devices 2")
     notes = Notes()
     avail = available_peers(notes)
-    print(f"{n} host devices on {os.cpu_count()} CPUs; runs {args.runs}, warm-up {args.warmup}",
-          flush=True)
+    torch_threads = None
+    if avail.get("torch"):
+        import torch
+
+        torch_threads = torch.get_num_threads()
+    print(f"{n} host devices on {_cpus()} CPUs; torch threads {torch_threads}; runs "
+          f"{args.runs}, warm-up {args.warmup}; "
+          + ", ".join(f"{k} {v}" for k, v in versions(avail).items()), flush=True)
     t0 = time.perf_counter()
     results = {}
     for cell in cells:
@@ -175,7 +196,8 @@ def main():
         results[cell] = rows
     print(f"\n{markdown(results, n)}")
     path = write_json("host_devices.json", {"devices": n, "runs": args.runs,
-                                            "notes": notes.items, "results": results})
+                                            "versions": versions(avail), "notes": notes.items,
+                                            "torch_threads": torch_threads, "results": results})
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
 
 

@@ -166,9 +166,10 @@ def placement(config: Config):
         raise ValueError(f"--batch {config.batch} must be divisible by --devices {n}")
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-    # An Explicit axis: the driver sums the parameter gradients in one all-reduce per step of
-    # training, not one per chunk as on an Auto axis (docs/many_devices.md). On 2 host
-    # devices: 300 steps of LSTM (hidden 128, batch 32) adding in 3.1-3.2 s against 3.3-3.5.
+    # An Explicit axis: with --backward bptt the driver sums the parameter gradients in one
+    # all-reduce per step of training, not one per chunk as on an Auto axis (autodiff does one
+    # per time step on either; docs/many_devices.md). On 2 host devices: 300 steps of LSTM
+    # (hidden 128, batch 32) adding in 3.1-3.2 s against 3.3-3.5 s.
     mesh = jax.make_mesh((n,), ("batch",), axis_types=(AxisType.Explicit,),
                          devices=available[:n])
     replicated = NamedSharding(mesh, P())
