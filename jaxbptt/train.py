@@ -142,8 +142,8 @@ def listed(names):
 # devices (--devices N, XLA_FLAGS=--xla_force_host_platform_device_count=N), jax 0.10's CPU
 # runtime can hang in the all-reduce of the parameter gradients once some 60-150 steps are
 # queued unawaited (measured: 2 or 4 devices, LSTM hidden 32-128, batch 32; and a plain jitted
-# step with one all-reduce). A bound of two keeps the dispatch ahead of the runtime and avoids
-# it; on one device it cost nothing measurable (300 steps in 3.7-3.8 s either way).
+# step with one all-reduce). Waiting so that at most two steps are queued avoided it in every
+# run tried; on one device it cost nothing measurable (300 steps in 3.7-3.8 s either way).
 _IN_FLIGHT = 2
 
 

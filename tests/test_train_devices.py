@@ -55,8 +55,9 @@ def test_devices_train_like_one_device_and_resume_elsewhere(tmp_path):
 def test_a_long_run_between_checkpoints_does_not_hang(tmp_path):
     # 300 steps with no checkpoint and no progress bar to wait on: the loop itself must
     # bound the steps in flight (train._IN_FLIGHT). Unbounded, XLA's CPU runtime hung in the
-    # all-reduce (and aborted after 40 s) in each of 4 tries of this run under the suite's
-    # XLA flags; on 2 devices the hang depended on the sizes and the flags.
+    # all-reduce (and aborted after 40 s) in each of 3 tries of this run under the suite's
+    # XLA flags, and of two other sizes on 4 devices; on 2 devices it depended on the sizes
+    # and the flags.
     r = _train(tmp_path, 300, 4, "adding", "--cell", "lstm", "--hidden", "32", "--batch", "32",
                "--save-every", "1000")
     assert r.returncode == 0, r.stderr[-2000:]
