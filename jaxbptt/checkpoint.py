@@ -5,7 +5,8 @@ renamed into place (atomic on POSIX), after ``fsync``: a crash mid-save leaves a
 stray temporary directory (removed by the next save), never a checkpoint that loads
 wrong. Saves hold an exclusive lock of the directory, restores a shared one. The manifest
 records the SHA-256 of the arrays file, the array shapes and dtypes, and the
-caller's metadata (step, config, RNG key, data position, loss history...).
+caller's metadata (step, config, RNG key, data position, loss history...), and a
+SHA-256 of all that, so that a corrupted manifest is caught too.
 Restoring needs a template pytree (a freshly initialised state of the same
 model): arrays are checked against it, so a checkpoint of another model is
 refused with a clear error instead of being loaded wrong. A corrupted or
@@ -114,11 +115,18 @@ def _write(tmp, step, leaves, meta):
         "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
         "meta": meta,
     }
+    manifest["manifest_sha256"] = _digest(manifest)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump(manifest, f)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+
+
+def _digest(manifest):
+    """SHA-256 of a manifest's own contents (all but this digest), as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -193,6 +201,9 @@ def list_checkpoints(directory):
 def _read(path, template, validate):
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
+    # (manifests written before the digest existed have none, and are read as they are)
+    if "manifest_sha256" in manifest and _digest(manifest) != manifest["manifest_sha256"]:
+        raise OSError("manifest.json does not match its own checksum")
     if validate is not None:
         validate(manifest["meta"])
     if callable(template):
@@ -205,14 +216,17 @@ def _read(path, template, validate):
     for x, (shape, dtype) in zip(leaves, manifest["leaves"]):
         if list(x.shape) != shape or str(x.dtype) != dtype:
             raise OSError("an array does not match the manifest")
-    want = jax.tree.leaves(template)
-    if len(want) != len(leaves) or any(
-            tuple(np.shape(w)) != x.shape or np.dtype(w.dtype) != x.dtype
-            for w, x in zip(want, leaves)):
-        raise CheckpointError(
-            f"{path} holds {len(leaves)} arrays that do not fit this model's "
-            f"{len(want)}: it was written by another model or configuration")
-    return jax.tree.unflatten(jax.tree.structure(template), leaves), manifest
+    want, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if len(want) != len(leaves):
+        raise CheckpointError(f"{path} holds {len(leaves)} arrays and this model has "
+                              f"{len(want)}: it was written by another model or configuration")
+    for (where, w), x in zip(want, leaves):
+        if tuple(np.shape(w)) != x.shape or np.dtype(w.dtype) != x.dtype:
+            raise CheckpointError(
+                f"{path} holds {x.dtype}{list(x.shape)} where this model has "
+                f"{np.dtype(w.dtype)}{list(np.shape(w))} (at {jax.tree_util.keystr(where)}): "
+                "it was written by another model or configuration")
+    return jax.tree.unflatten(treedef, leaves), manifest
 
 
 def restore_latest(directory, template, validate=None):
