@@ -664,8 +664,9 @@ def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, w
                               None, lambda new, res: None)[0]
             return state, _write(buffer, slot[q + 1], state)
 
-        return _first_order_only(
-            lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer)))
+        # (a loop of a data-dependent trip count: JAX differentiates it forward, so
+        # jax.hessian works, but not in reverse, so a gradient of the gradient does not)
+        return lax.fori_loop(start[u], u, body, (_read(buffer, slot[start[u]]), buffer))
 
     def top_body(carry, chunk_in):  # chunk c's inputs and output cotangents, read in place
         (acc, dxs_all), (c, (start, kept, probe_k)) = carry, chunk_in
@@ -698,30 +699,6 @@ def _backward_segment(cell, f, layout, xs, carry0, saved, dhs, acc, dxs, opts, w
     acc, dxs = out if plan is None else out[0]
     dstates = jax.tree.map(layout.unchunked, dstates) if with_probe else None
     return acc, layout.unchunked(dxs_c) if dxs is None else dxs, dstates
-
-
-@jax.custom_vjp
-def _first_order_only(tree):
-    """The identity, whose reverse derivative says why there is none: it marks the
-    slots' reruns, loops of a data-dependent trip count, which JAX cannot transpose
-    (so a gradient of the gradient would otherwise fail inside JAX's while_loop)."""
-    return tree
-
-
-def _first_order_only_fwd(tree):
-    return tree, None
-
-
-def _first_order_only_bwd(_, _cotangent):
-    raise NotImplementedError(
-        "a gradient of the gradient is not available with slots=: the backward reruns "
-        "the forward from kept chunk starts a data-dependent number of times, a loop "
-        "reverse mode cannot differentiate. Use residuals='checkpoint' without slots "
-        "(nested chunk=(K1, K2, ...) also keeps little memory), or a policy name "
-        "instead of a byte budget that chose slots.")
-
-
-_first_order_only.defvjp(_first_order_only_fwd, _first_order_only_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
