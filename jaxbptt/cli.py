@@ -105,12 +105,16 @@ def _train(args) -> int:
         tasks.get(args.task, args.T)  # the task's own checks, before --out is made
     except (RuntimeError, ValueError) as e:
         args.parser.error(str(e).replace("T=", "--T ", 1))
-    out = _writable_dir(args.parser, args.out or os.path.join("runs", f"{args.task}-{args.cell}"))
     config = train.Config(
         task=args.task, cell=args.cell, hidden=args.hidden, T=args.T, steps=args.steps,
         batch=args.batch, optimizer=args.optimizer, lr=args.lr, clip=args.clip,
         clip_value=args.clip_value, backward=args.backward, seed=args.seed,
         save_every=args.save_every, sample_every=args.sample_every, devices=args.devices)
+    try:
+        train.check_devices(config)  # before --out is made
+    except ValueError as e:
+        args.parser.error(str(e))
+    out = _writable_dir(args.parser, args.out or os.path.join("runs", f"{args.task}-{args.cell}"))
     try:
         summary = train.train(config, out, progress=not args.quiet,
                               exit_on_second_interrupt=True)
@@ -130,9 +134,11 @@ def _train(args) -> int:
               f"{config.steps}); nothing to do. Pass a larger --steps to train further.")
         return 0
     unit = "MSE" if config.task == "adding" else "nats/symbol"
+    window = summary["loss_window"]
+    over = "" if window == 1 else f", means of the first and last {window} steps"
     print(f"trained {config.task} {config.cell.upper()} ({config.backward}) steps "
           f"{summary['resumed_from']}->{config.steps}: loss {summary['first_loss']:.4f} -> "
-          f"{summary['final_loss']:.4f} {unit} (baseline {summary['baseline']:.4f}) in "
+          f"{summary['final_loss']:.4f} {unit}{over} (baseline {summary['baseline']:.4f}) in "
           f"{summary['seconds']:.1f} s; checkpoint {summary['checkpoint']}"
           + (f"; plot {summary['plot']}" if summary["plot"] else
              "; no plot (pip install 'jaxbptt[experiments]' for matplotlib)"))
@@ -276,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_at_least(1), default=500,
                    help="steps between checkpoints")
     p.add_argument("--sample-every", type=_at_least(0), default=500,
-                   help="print sampled names every N steps (charlm; 0: never)")
+                   help="print sampled names every N steps and at the end (charlm; 0: never)")
     p.add_argument("--devices", type=_at_least(1), default=1,
                    help="data parallel over this many devices (batch split, params replicated; "
                    "on a CPU simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N)")

@@ -147,6 +147,18 @@ def listed(names):
 _IN_FLIGHT = 2
 
 
+def check_devices(config: Config):
+    """The devices of ``jax.devices()`` for ``config.devices``; a ValueError when there are
+    too few or they do not divide the batch."""
+    n, available = config.devices, jax.devices()
+    if n > len(available):
+        raise ValueError(f"--devices {n} but JAX sees {len(available)} device(s); on a CPU, "
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    if config.batch % n:
+        raise ValueError(f"--batch {config.batch} must be divisible by --devices {n}")
+    return available
+
+
 def placement(config: Config):
     """``(put_params, put_batch)``: where params and batches live for ``config.devices``.
 
@@ -158,12 +170,7 @@ def placement(config: Config):
     n = config.devices
     if n == 1:
         return (lambda tree: tree), (lambda batch: batch)
-    available = jax.devices()
-    if n > len(available):
-        raise ValueError(f"--devices {n} but JAX sees {len(available)} device(s); on a CPU, "
-                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-    if config.batch % n:
-        raise ValueError(f"--batch {config.batch} must be divisible by --devices {n}")
+    available = check_devices(config)
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     # An Explicit axis: with --backward bptt the driver sums the parameter gradients in one
@@ -238,7 +245,8 @@ class _Interrupts:
         if self.requested and not self.exit_at_once:
             raise KeyboardInterrupt
         if self.requested:  # (checkpoints are written atomically: none is left half saved)
-            sys.stderr.write("\ninterrupted\n")
+            sys.stderr.write("\ninterrupted: the checkpoints saved so far are kept; run the "
+                             "same command to resume\n")
             sys.stderr.flush()
             os._exit(130)  # (raising inside a compile can crash the runtime)
         self.requested = True
@@ -285,6 +293,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
     `checkpoint.Busy`.
     """
     task = tasks.get(config.task, config.T)
+    check_devices(config)  # before ``out`` is made
     os.makedirs(out, exist_ok=True)
     with checkpoint.locked(out, wait=False):
         return _train(config, out, task, log, progress, exit_on_second_interrupt)
@@ -368,28 +377,59 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
                 say(f"step {done}: " + listed(
                     sample_names(config, params, jax.random.fold_in(k_during, done))))
     elapsed = time.perf_counter() - t0
+    # The loss at the start and at the end of this call's steps, each a mean over as many
+    # steps (up to 20, and not overlapping); with no new step, the run's last steps.
+    new = history[start:] if done > start else []
+    window = max(1, min(_SMOOTH, len(new) // 2)) if new else min(_SMOOTH, len(history))
     summary = {"task": config.task, "cell": config.cell, "backward": config.backward,
                "steps": config.steps, "resumed_from": start, "stopped_at": done,
                "interrupted": done < config.steps,
-               "first_loss": history[start] if len(history) > start else None,
-               "final_loss": float(np.mean(history[-20:])) if history else None,
+               "first_loss": float(np.mean(new[:window])) if new else None,
+               "final_loss": float(np.mean((new or history)[-window:])) if history else None,
+               "loss_window": window,
                "baseline": task.baseline, "seconds": elapsed,
                "checkpoint": (os.path.join(ckpt_dir, checkpoint.name(saved_at)) if saved_at
                               else None)}
-    if config.task == "charlm":
+    if config.task == "charlm" and config.sample_every:
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state
-    plot_path = os.path.join(out, "loss.png")
-    if done == start and os.path.exists(os.path.join(out, "history.json")) and (
+    # history.json and loss.png are written after the last checkpoint: a run killed in
+    # between, or a file damaged since, is mended by running the same command again.
+    history_path, plot_path = os.path.join(out, "history.json"), os.path.join(out, "loss.png")
+    if done == start and _holds(history_path, history) and (
             os.path.exists(plot_path) or history == []):  # nothing new: the files stay
         summary["plot"] = None
         return summary
-    with open(os.path.join(out, "history.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "loss": history,
-                   "summary": {k: v for k, v in summary.items()
-                               if k not in ("params", "opt_state")}}, f)
+    _replace(history_path, lambda f: json.dump(
+        {"config": dataclasses.asdict(config), "loss": history,
+         "summary": {k: v for k, v in summary.items() if k not in ("params", "opt_state")}},
+        f))
     summary["plot"] = plot_history(history, task, config, plot_path)
     return summary
+
+
+_SMOOTH = 20  # steps averaged for the summary's first and final loss
+
+
+def _holds(path, history):
+    """Whether ``path`` is a history.json holding exactly these losses."""
+    try:
+        with open(path) as f:
+            return json.load(f)["loss"] == history
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _replace(path, write, mode="w"):
+    """Writes ``path`` whole or not at all: ``write(file)`` to a temporary, renamed over it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_history(history, task, config, path):
@@ -399,13 +439,15 @@ def plot_history(history, task, config, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     loss = np.asarray(history)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(np.arange(1, len(loss) + 1), loss, color="tab:blue", alpha=0.3, lw=0.8, label="per step")
-    w = max(1, len(loss) // 50)
-    if len(loss) >= w:
+    w = len(loss) // 50  # steps in the running mean drawn over the raw curve (none if < 2)
+    ax.plot(np.arange(1, len(loss) + 1), loss, color="tab:blue", alpha=0.3 if w > 1 else 1.0,
+            lw=0.8, label="per step")
+    if w > 1:
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
         ax.plot(np.arange(w, len(loss) + 1), smooth, color="tab:blue", lw=2,
                 label=f"mean of {w} steps")
@@ -414,9 +456,10 @@ def plot_history(history, task, config, path):
     ax.set(xlabel="training step", ylabel=unit,
            title=f"{config.task}: {config.cell.upper()} n_a={config.hidden}, {config.optimizer} "
                  f"lr={config.lr}, backward={config.backward}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _replace(path, lambda f: fig.savefig(f, format="png"), "wb")
     plt.close(fig)
     return path

@@ -115,12 +115,42 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path):
     with open(arrays, "wb") as f:  # a good checkpoint whose manifest lost its history
         f.write(data)
     manifest_20 = json.load(open(os.path.join(paths[0], "manifest.json")))
-    del manifest_20["meta"]["history"]
+    del manifest_20["meta"]["history"], manifest_20["manifest_sha256"]  # as written before
     json.dump({**manifest_20, "step": 40}, open(os.path.join(paths[-1], "manifest.json"), "w"))
     with pytest.warns(UserWarning, match="ckpt-000000040: .*no 'history'"):
         s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
                         log=lambda *_: None, progress=False)
     assert s["resumed_from"] == 20 and s["checkpoint"].endswith("ckpt-000000050")
+
+
+@pytest.mark.parametrize("edit", [
+    ('"hidden": 16', '"hidden": 18'),  # valid JSON still: not a run of another model
+    ('"history": [', '"history": [1.0, '),  # one more loss: a silently wrong history
+])
+def test_corrupted_manifest_falls_back_with_warning(tmp_path, edit):
+    # The manifest is checksummed too: an edit that leaves it valid JSON is caught, and
+    # the checkpoint before it is used, as for corrupted arrays.
+    config = train.Config(**{**SMALL, "steps": 40, "task": "charlm"})
+    train.train(config, str(tmp_path), log=lambda *_: None, progress=False)
+    newest = checkpoint.list_checkpoints(str(tmp_path / "checkpoints"))[-1]
+    path = os.path.join(newest, "manifest.json")
+    text = open(path).read()
+    assert text.count(edit[0]) == 1
+    open(path, "w").write(text.replace(*edit))
+    with pytest.warns(UserWarning, match="ckpt-000000040: manifest.json does not match its own"):
+        s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
+                        log=lambda *_: None, progress=False)
+    assert s["resumed_from"] == 20
+
+
+def test_checkpoint_of_another_shape_names_the_array(tmp_path):
+    config = train.Config(**{**SMALL, "steps": 20, "task": "charlm"})
+    train.train(config, str(tmp_path), log=lambda *_: None, progress=False)
+    other = train.init(train.Config(**{**SMALL, "hidden": 24}), tasks.get("charlm"))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"holds float32\[16, 27\] where this model has float32\[24, 27\] "
+                             r"\(at \[0\]\['cell'\]\.Wax\)"):
+        checkpoint.restore_latest(str(tmp_path / "checkpoints"), other)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -218,6 +248,44 @@ def test_nothing_to_do_leaves_the_run_as_it_is(tmp_path):
     os.remove(tmp_path / "run" / "history.json")  # as when killed after the last save
     _train(tmp_path, "run", task="charlm", steps=20)
     assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == json.loads(before)["loss"]
+
+
+@pytest.mark.parametrize("damage", ["stale", "truncated"])
+def test_history_left_behind_is_mended_by_running_again(tmp_path, damage):
+    # Killed after its last checkpoint but before history.json was written, a run keeps the
+    # history.json of an earlier segment; one damaged since is not JSON. Running the same
+    # command again, with nothing left to train, writes both files from the checkpoint.
+    _train(tmp_path, "run", task="charlm", steps=20)
+    stale = open(tmp_path / "run" / "history.json").read()
+    s = _train(tmp_path, "run", task="charlm", steps=40)
+    assert s["plot"] is None or os.path.exists(s["plot"])
+    whole = json.load(open(tmp_path / "run" / "history.json"))["loss"]
+    assert len(whole) == 40
+    open(tmp_path / "run" / "history.json", "w").write(
+        stale if damage == "stale" else stale[:100])
+    s = _train(tmp_path, "run", task="charlm", steps=40)
+    assert s["resumed_from"] == 40 and s["first_loss"] is None
+    assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == whole
+    assert not [n for n in os.listdir(tmp_path / "run") if ".tmp-" in n]
+
+
+def test_summary_loss_is_over_this_call_s_steps(tmp_path):
+    # The first and the final loss are means over as many steps each, within the steps
+    # this call trained: one step resumed gives one loss for both.
+    s = _train(tmp_path, "run", task="charlm", steps=50)
+    hist = json.load(open(tmp_path / "run" / "history.json"))["loss"]
+    assert s["loss_window"] == 20
+    assert s["first_loss"] == pytest.approx(np.mean(hist[:20]))
+    assert s["final_loss"] == pytest.approx(np.mean(hist[-20:]))
+    s = _train(tmp_path, "run", task="charlm", steps=51)
+    hist = json.load(open(tmp_path / "run" / "history.json"))["loss"]
+    assert s["loss_window"] == 1 and s["first_loss"] == s["final_loss"] == hist[-1]
+
+
+@pytest.mark.parametrize("every", [0, 7])
+def test_sample_every_zero_samples_nothing(tmp_path, every):
+    s = _train(tmp_path, "run", task="charlm", steps=7, sample_every=every)
+    assert ("samples" in s) == bool(every)
 
 
 def test_progress_bar_is_cleared_before_other_output():

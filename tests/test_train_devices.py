@@ -64,10 +64,15 @@ def test_a_long_run_between_checkpoints_does_not_hang(tmp_path):
     assert "steps 0->300" in r.stdout
 
 
-def test_more_devices_than_present_is_a_one_line_error(tmp_path):
+def test_bad_device_options_are_one_line_errors(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, "-m", "jaxbptt.cli", "train", "adding", "--steps", "2",
-                        "--devices", "64", "--out", str(tmp_path)], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and "JAX sees" in r.stderr
+    two = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for devices, batch, message, env in [("64", "32", "JAX sees", env),
+                                         ("2", "33", "divisible", two)]:
+        out = tmp_path / devices
+        r = subprocess.run([sys.executable, "-m", "jaxbptt.cli", "train", "adding", "--steps",
+                            "2", "--devices", devices, "--batch", batch, "--out", str(out)],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+        assert not out.exists()  # a usage error leaves no run directory behind
