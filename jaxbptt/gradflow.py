@@ -52,6 +52,12 @@ def zeros_probe(state0, T):
     return jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state0)
 
 
+def _mean_norm(d):
+    """(T, B, n) adjoints -> (T,) mean over the batch of their norms, taken in float64:
+    in float32 the squares of adjoints below about 1e-19 underflow, and the norm to 0."""
+    return np.mean(np.linalg.norm(np.asarray(d, np.float64), axis=-1), axis=1)
+
+
 def adjoint_norms(fn, params, xs, *, backward="bptt", seed=0):
     """Mean over the batch of ‖∂L_T/∂a<t>‖ (and ‖∂L_T/∂c<t>‖ for the LSTM), for every t.
 
@@ -72,10 +78,9 @@ def adjoint_norms(fn, params, xs, *, backward="bptt", seed=0):
             hs, _ = fn(params, xs, state0, probe=probe, backward=backward)
             return jnp.sum(hs[-1] @ u)
 
-        g = jax.grad(loss)(zeros_probe(state0, T))
-        return jax.tree.map(lambda d: jnp.mean(jnp.linalg.norm(d, axis=-1), axis=1), g)
+        return jax.grad(loss)(zeros_probe(state0, T))
 
-    out = norms(params, xs)
+    out = jax.tree.map(_mean_norm, norms(params, xs))
     if hasattr(out, "c"):
         return {"a": np.asarray(out.a), "c": np.asarray(out.c)}
     return {"a": np.asarray(out)}
@@ -112,14 +117,13 @@ def during_training(cell, T=50, steps=300, every=25, hidden=32, batch=32, seed=0
         _, state_T = jax.eval_shape(train.CELLS[cell][0], params["cell"], probe_batch.xs)
         probe = jax.tree.map(lambda s: jnp.zeros((T,) + s.shape, s.dtype), state_T)
         g = jax.grad(lambda p: train.loss_fn(config, task, params, probe_batch, p))(probe)
-        g = g.a if hasattr(g, "a") else g
-        return jnp.mean(jnp.linalg.norm(g, axis=-1), axis=1)
+        return g.a if hasattr(g, "a") else g
 
     recorded, rows, losses = [], [], []
     for step in range(steps + 1):
         if step % every == 0:
             recorded.append(step)
-            rows.append(np.asarray(norms(params)))
+            rows.append(_mean_norm(norms(params)))
         if step == steps:
             break
         b = jax.tree.map(lambda x: None if x is None else jnp.asarray(x),
