@@ -16,4 +16,4 @@ def test_quick_example_trains(capsys):
         namespace = {}
         exec(compile(example, str(README), "exec"), namespace)
     assert namespace["value"] < math.log(8) - 0.05
-    assert "loss after 100 steps" in capsys.readouterr().out
+    assert "loss at step 100" in capsys.readouterr().out
