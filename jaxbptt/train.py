@@ -12,6 +12,7 @@ so the checkpoints keep the parameters from before it diverged.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -421,8 +422,13 @@ def _holds(path, history):
 
 
 def _replace(path, write, mode="w"):
-    """Writes ``path`` whole or not at all: ``write(file)`` to a temporary, renamed over it."""
+    """Writes ``path`` whole or not at all: ``write(file)`` to a temporary, renamed over it.
+
+    (Temporaries left by a killed run are removed: one run at a time writes in ``out``.)
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        os.remove(stale)
     try:
         with open(tmp, mode) as f:
             write(f)

@@ -263,6 +263,7 @@ def test_history_left_behind_is_mended_by_running_again(tmp_path, damage):
     assert len(whole) == 40
     open(tmp_path / "run" / "history.json", "w").write(
         stale if damage == "stale" else stale[:100])
+    open(tmp_path / "run" / "history.json.tmp-1", "w").write(stale[:50])  # killed mid-write
     s = _train(tmp_path, "run", task="charlm", steps=40)
     assert s["resumed_from"] == 40 and s["first_loss"] is None
     assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == whole
