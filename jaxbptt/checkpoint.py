@@ -110,6 +110,7 @@ def _write(tmp, step, leaves, meta):
         f.flush()
         os.fsync(f.fileno())
     manifest = {
+        "format": 2,  # 2: with manifest_sha256
         "step": int(step),
         "sha256": _sha256(arrays),
         "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
@@ -124,8 +125,12 @@ def _write(tmp, step, leaves, meta):
 
 
 def _digest(manifest):
-    """SHA-256 of a manifest's own contents (all but this digest), as canonical JSON."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    """SHA-256 of a manifest's own contents (all but this digest), as canonical JSON.
+
+    Taken of the contents as read back from JSON (keys become strings, tuples lists), so
+    that the digest written and the one recomputed on reading agree.
+    """
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -201,8 +206,10 @@ def list_checkpoints(directory):
 def _read(path, template, validate):
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
-    # (manifests written before the digest existed have none, and are read as they are)
-    if "manifest_sha256" in manifest and _digest(manifest) != manifest["manifest_sha256"]:
+    # (manifests written before the digest existed have neither it nor a format, and are
+    # read as they are)
+    if ("manifest_sha256" in manifest or "format" in manifest) and (
+            _digest(manifest) != manifest.get("manifest_sha256")):
         raise OSError("manifest.json does not match its own checksum")
     if validate is not None:
         validate(manifest["meta"])

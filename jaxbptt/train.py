@@ -12,7 +12,7 @@ so the checkpoints keep the parameters from before it diverged.
 from __future__ import annotations
 
 import dataclasses
-import glob
+import hashlib
 import json
 import math
 import os
@@ -309,11 +309,13 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
                                           lambda meta: _compatible(meta, config))
     except checkpoint.NoReadableCheckpoint as e:
         raise checkpoint.NoReadableCheckpoint(f"{e}: move them away to start afresh") from None
+    run_config = dataclasses.asdict(config)
     if found is None:
         (params, opt_state), start, history = template, 0, []
     else:
         (params, opt_state), manifest = found
         start, history = manifest["step"], list(manifest["meta"]["history"])
+        run_config = manifest["meta"]["config"]
         log(f"resuming from step {start} ({ckpt_dir})")
     params, opt_state = put_params((params, opt_state))
     step_fn = make_step(config, task)
@@ -394,41 +396,49 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
     if config.task == "charlm" and config.sample_every:
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state
-    # history.json and loss.png are written after the last checkpoint: a run killed in
-    # between, or a file damaged since, is mended by running the same command again.
+    # loss.png, then history.json (which records the plot's digest) are written after the
+    # last checkpoint: a run killed before it wrote them, or whose files were damaged since,
+    # has them written again from its checkpoint by the same command.
     history_path, plot_path = os.path.join(out, "history.json"), os.path.join(out, "loss.png")
-    if done == start and _holds(history_path, history) and (
-            os.path.exists(plot_path) or history == []):  # nothing new: the files stay
+    if done == start and _holds(history_path, history, plot_path):  # nothing new: they stay
         summary["plot"] = None
         return summary
-    _replace(history_path, lambda f: json.dump(
-        {"config": dataclasses.asdict(config), "loss": history,
-         "summary": {k: v for k, v in summary.items() if k not in ("params", "opt_state")}},
-        f))
     summary["plot"] = plot_history(history, task, config, plot_path)
+    record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
+    if done == start:  # mended by a call that trained nothing: the run's own settings
+        record["mended"] = True
+    _replace(history_path, lambda f: json.dump(
+        {"config": run_config if done == start else dataclasses.asdict(config), "loss": history,
+         "plot_sha256": summary["plot"] and _sha256(plot_path), "summary": record}, f))
     return summary
 
 
 _SMOOTH = 20  # steps averaged for the summary's first and final loss
 
 
-def _holds(path, history):
-    """Whether ``path`` is a history.json holding exactly these losses."""
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _holds(history_path, history, plot_path):
+    """Whether history.json holds exactly these losses and loss.png is the plot it records
+    (one that records none, written without matplotlib or by an earlier version: that
+    loss.png exists)."""
     try:
-        with open(path) as f:
-            return json.load(f)["loss"] == history
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(history_path) as f:
+            record = json.load(f)
+        digest = record.get("plot_sha256")
+        return record["loss"] == history and (
+            digest == _sha256(plot_path) if digest else os.path.exists(plot_path) or not history)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
 def _replace(path, write, mode="w"):
-    """Writes ``path`` whole or not at all: ``write(file)`` to a temporary, renamed over it.
-
-    (Temporaries left by a killed run are removed: one run at a time writes in ``out``.)
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
-        os.remove(stale)
+    """Writes ``path`` whole or not at all: ``write(file)`` to ``path.tmp``, renamed over it
+    (a temporary left by a killed run is written over by the next)."""
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, mode) as f:
             write(f)

@@ -107,6 +107,5 @@ def test_hessian_works_gradient_of_gradient_does_not(cell):
     def penalty(xs):
         return jnp.sum(jax.grad(lambda x: loss(x, **slots))(xs) ** 2)
 
-    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work for "
-                       "lax.while_loop"):
+    with pytest.raises(ValueError, match="while_loop"):  # JAX's own message
         jax.grad(penalty)(xs)

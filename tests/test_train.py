@@ -115,7 +115,9 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path):
     with open(arrays, "wb") as f:  # a good checkpoint whose manifest lost its history
         f.write(data)
     manifest_20 = json.load(open(os.path.join(paths[0], "manifest.json")))
-    del manifest_20["meta"]["history"], manifest_20["manifest_sha256"]  # as written before
+    for key in ("manifest_sha256", "format"):  # as written before manifests had them
+        del manifest_20[key]
+    del manifest_20["meta"]["history"]
     json.dump({**manifest_20, "step": 40}, open(os.path.join(paths[-1], "manifest.json"), "w"))
     with pytest.warns(UserWarning, match="ckpt-000000040: .*no 'history'"):
         s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
@@ -141,6 +143,19 @@ def test_corrupted_manifest_falls_back_with_warning(tmp_path, edit):
         s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
                         log=lambda *_: None, progress=False)
     assert s["resumed_from"] == 20
+
+
+def test_manifest_digest_survives_json(tmp_path):
+    # Metadata that JSON changes on the way (int keys become strings, tuples lists, mixed
+    # key types) reads back as written, not as a corrupted manifest.
+    meta = {"by_int": {2: "x", 10: "y"}, "mixed": {1: "a", "b": 2}, "t": (1, 2.5),
+            "nan": float("nan"), "text": "Γf ✓"}
+    checkpoint.save(str(tmp_path), 3, {"w": np.arange(3.0)}, meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree, manifest = checkpoint.restore_latest(str(tmp_path), {"w": np.zeros(3)})
+    assert manifest["meta"]["by_int"] == {"2": "x", "10": "y"} and manifest["step"] == 3
+    np.testing.assert_array_equal(tree["w"], np.arange(3.0))
 
 
 def test_checkpoint_of_another_shape_names_the_array(tmp_path):
@@ -250,24 +265,29 @@ def test_nothing_to_do_leaves_the_run_as_it_is(tmp_path):
     assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == json.loads(before)["loss"]
 
 
-@pytest.mark.parametrize("damage", ["stale", "truncated"])
-def test_history_left_behind_is_mended_by_running_again(tmp_path, damage):
-    # Killed after its last checkpoint but before history.json was written, a run keeps the
-    # history.json of an earlier segment; one damaged since is not JSON. Running the same
-    # command again, with nothing left to train, writes both files from the checkpoint.
+@pytest.mark.parametrize("damage", ["stale", "truncated", "stale plot", "truncated plot"])
+def test_files_left_behind_are_mended_by_running_again(tmp_path, damage):
+    # Killed after its last checkpoint but before loss.png and history.json were written, a
+    # run keeps those of an earlier segment; damaged since, they are not whole. Running the
+    # same command again, with nothing left to train, writes both from the checkpoint.
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
     _train(tmp_path, "run", task="charlm", steps=20)
-    stale = open(tmp_path / "run" / "history.json").read()
-    s = _train(tmp_path, "run", task="charlm", steps=40)
-    assert s["plot"] is None or os.path.exists(s["plot"])
-    whole = json.load(open(tmp_path / "run" / "history.json"))["loss"]
-    assert len(whole) == 40
-    open(tmp_path / "run" / "history.json", "w").write(
-        stale if damage == "stale" else stale[:100])
-    open(tmp_path / "run" / "history.json.tmp-1", "w").write(stale[:50])  # killed mid-write
-    s = _train(tmp_path, "run", task="charlm", steps=40)
-    assert s["resumed_from"] == 40 and s["first_loss"] is None
-    assert json.load(open(tmp_path / "run" / "history.json"))["loss"] == whole
-    assert not [n for n in os.listdir(tmp_path / "run") if ".tmp-" in n]
+    stale = {n: open(run / n, "rb").read() for n in ("history.json", "loss.png")}
+    _train(tmp_path, "run", task="charlm", steps=40)
+    whole = {n: open(run / n, "rb").read() for n in ("history.json", "loss.png")}
+    name = "loss.png" if "plot" in damage else "history.json"
+    open(run / name, "wb").write(stale[name] if "stale" in damage else stale[name][:100])
+    open(run / f"{name}.tmp", "wb").write(stale[name][:50])  # killed mid-write
+    s = _train(tmp_path, "run", task="charlm", steps=30)  # asks fewer steps than it holds
+    assert s["resumed_from"] == 40 and s["first_loss"] is None and s["plot"] is not None
+    assert open(run / "loss.png", "rb").read() == whole["loss.png"]
+    mended = json.load(open(run / "history.json"))
+    assert mended["loss"] == json.loads(whole["history.json"])["loss"]
+    assert mended["config"]["steps"] == 40 and mended["summary"]["mended"]
+    assert not (run / f"{name}.tmp").exists()
+    s = _train(tmp_path, "run", task="charlm", steps=40)  # whole again: left as they are
+    assert s["plot"] is None and open(run / "history.json").read() == json.dumps(mended)
 
 
 def test_summary_loss_is_over_this_call_s_steps(tmp_path):
@@ -281,6 +301,11 @@ def test_summary_loss_is_over_this_call_s_steps(tmp_path):
     s = _train(tmp_path, "run", task="charlm", steps=51)
     hist = json.load(open(tmp_path / "run" / "history.json"))["loss"]
     assert s["loss_window"] == 1 and s["first_loss"] == s["final_loss"] == hist[-1]
+    s = _train(tmp_path, "run", task="charlm", steps=58)  # 7 steps: two means of 3
+    hist = json.load(open(tmp_path / "run" / "history.json"))["loss"]
+    assert s["loss_window"] == 3
+    assert s["first_loss"] == pytest.approx(np.mean(hist[51:54]))
+    assert s["final_loss"] == pytest.approx(np.mean(hist[55:58]))
 
 
 @pytest.mark.parametrize("every", [0, 7])
@@ -398,3 +423,10 @@ def test_a_name_ended_at_once_is_empty_and_listed_as_such():
     names = train.sample_names(config, params, jax.random.PRNGKey(0), n=3)
     assert names == ["", "", ""]
     assert train.listed(["ann", *names[:1]]) == "ann, (empty)"
+
+
+def test_too_many_devices_is_refused_before_out_is_made(tmp_path):
+    config = train.Config(**{**SMALL, "devices": len(jax.devices()) + 1})
+    with pytest.raises(ValueError, match="JAX sees"):
+        train.train(config, str(tmp_path / "run"), log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run").exists()
