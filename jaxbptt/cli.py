@@ -98,6 +98,18 @@ def _writable_dir(parser, path):
     return path
 
 
+def _host_devices(n):
+    """``--devices N``: a CPU shows up as N devices (JAX's ``jax_num_cpu_devices``), unless
+    XLA_FLAGS sets their number. (Only the CPU's count: it does not add accelerators.)"""
+    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # JAX has started already: check_devices says what it sees
+            pass
+
+
 def _train(args) -> int:
     from jaxbptt import checkpoint, tasks, train
 
@@ -110,6 +122,7 @@ def _train(args) -> int:
         batch=args.batch, optimizer=args.optimizer, lr=args.lr, clip=args.clip,
         clip_value=args.clip_value, backward=args.backward, seed=args.seed,
         save_every=args.save_every, sample_every=args.sample_every, devices=args.devices)
+    _host_devices(args.devices)
     try:
         train.check_devices(config)  # before --out is made
     except ValueError as e:
@@ -285,7 +298,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="print sampled names every N steps and at the end (charlm; 0: never)")
     p.add_argument("--devices", type=_at_least(1), default=1,
                    help="data parallel over this many devices (batch split, params replicated; "
-                   "on a CPU simulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+                   "on a CPU, N host devices over its cores, unless XLA_FLAGS="
+                   "--xla_force_host_platform_device_count sets their number)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train, parser=p)
 

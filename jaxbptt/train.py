@@ -154,7 +154,8 @@ def check_devices(config: Config):
     n, available = config.devices, jax.devices()
     if n > len(available):
         raise ValueError(f"--devices {n} but JAX sees {len(available)} device(s); on a CPU, "
-                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} (or, "
+                         f"before JAX starts, jax.config.update('jax_num_cpu_devices', {n}))")
     if config.batch % n:
         raise ValueError(f"--batch {config.batch} must be divisible by --devices {n}")
     return available

@@ -64,15 +64,35 @@ def test_a_long_run_between_checkpoints_does_not_hang(tmp_path):
     assert "steps 0->300" in r.stdout
 
 
+def _cli(out, devices, batch, env):
+    return subprocess.run([sys.executable, "-m", "jaxbptt.cli", "train", "adding", "--steps", "3",
+                           "--devices", devices, "--batch", batch, "--hidden", "8", "--quiet",
+                           "--out", str(out)], env=env, capture_output=True, text=True)
+
+
+def _env(count=None):
+    """The environment with conftest.py's XLA_FLAGS, and a host device count or none."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
+    if count:
+        flags.append(f"--xla_force_host_platform_device_count={count}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
+def test_devices_on_a_cpu_need_no_flags(tmp_path):
+    # Without a device count in XLA_FLAGS, --devices N makes the CPU N host devices: the
+    # batch check is reached (2 devices seen), and a run trains.
+    r = _cli(tmp_path / "odd", "2", "33", _env())
+    assert r.returncode == 2 and "--batch 33 must be divisible by --devices 2" in r.stderr
+    r = _cli(tmp_path / "run", "2", "8", _env())
+    assert r.returncode == 0 and "steps 0->3" in r.stdout, r.stderr[-2000:]
+
+
 def test_bad_device_options_are_one_line_errors(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    two = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    for devices, batch, message, env in [("64", "32", "JAX sees", env),
-                                         ("2", "33", "divisible", two)]:
+    for devices, batch, message, env in [("4", "32", "--devices 4 but JAX sees 2", _env(2)),
+                                         ("2", "33", "divisible", _env(2))]:
         out = tmp_path / devices
-        r = subprocess.run([sys.executable, "-m", "jaxbptt.cli", "train", "adding", "--steps",
-                            "2", "--devices", devices, "--batch", batch, "--out", str(out)],
-                           env=env, capture_output=True, text=True)
+        r = _cli(out, devices, batch, env)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
         assert not out.exists()  # a usage error leaves no run directory behind
