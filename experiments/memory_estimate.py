@@ -8,6 +8,8 @@ Run: python experiments/memory_estimate.py
 Writes results/memory_estimate.json.
 """
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 from _common import write_json
@@ -52,4 +54,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help
     main()
