@@ -54,5 +54,5 @@ def main():
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     main()
