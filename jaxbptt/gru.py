@@ -97,7 +97,7 @@ def init_gru(key, n_x, n_a, dtype=jnp.float32, *, variant="course") -> GRUParams
 class _CourseFused(NamedTuple):
     Wurh: jax.Array  # (2 n_a, n_a): [Wuh; Wrh], act on a<t-1>
     Wch: jax.Array  # (n_a, n_a): acts on Γr * a<t-1>
-    Wx: jax.Array  # (3 n_a, n_x): [Wux; Wrx; Wcx], act on all x<t> at once
+    Wx: jax.Array  # (3 n_a, n_x): [Wux; Wrx; Wcx], act on a chunk's x<t> at once
     b: jax.Array  # (3 n_a,): [bu; br; bc]
 
 

@@ -23,8 +23,8 @@ plus the output's own cotangent, and dc<t> carried from step t+1::
     dW*     = sum_t dz* [a<t-1>; x<t>]^T,   db* = sum_t dz*
 
 Inside the loop only the hidden half of the W's is used, fused as one
-(4 n_a, n_a) matrix; the input half acts on all x<t> in one matmul before the
-loop (and dx, dW* are single matmuls after it).
+(4 n_a, n_a) matrix; the input half acts on a chunk's x<t> in one matmul before
+its steps (and dx, dW* are single matmuls over the chunk after them; `_driver`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _Fused(NamedTuple):
     """The four gates stacked [f; i; c; o], split into hidden and input halves."""
 
     Wh: jax.Array  # (4 n_a, n_a), acts on a<t-1> inside the loop
-    Wx: jax.Array  # (4 n_a, n_x), acts on all x<t> at once
+    Wx: jax.Array  # (4 n_a, n_x), acts on a chunk's x<t> at once
     b: jax.Array  # (4 n_a,)
 
 
