@@ -63,9 +63,10 @@ Three options act on the loop itself, in both directions:
   its first step) is cut from the gradient: ``stop_gradient`` in the forward, a
   zeroed dL/d(state) in the hand-derived backward.
 
-A ``probe`` (time-stacked, shaped like the states, normally zeros) is added to the
-state after every step; its gradient is the adjoint dL/d(state<t>) of every step,
-which the reverse scan computes anyway: it is emitted at no extra cost.
+A ``probe`` (time-stacked, shaped like the states, normally zeros) is a tap on the
+state after every step: its values are not used (`_tap` passes the state through and
+adds only the probe's tangent), and its gradient is the adjoint dL/d(state<t>) of every
+step, which the reverse scan computes anyway: it is emitted at no extra cost.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ All data is real or made by the code; nothing is fetched at run time.
 * ``adding``: the adding problem (Hochreiter & Schmidhuber 1997): two input
   channels, random values and a marker on two of them; the target is the sum of
   the two marked values, read from the last state. Predicting 1 scores 1/6.
-* ``copy``: the copy-memory task (Arjovsky et al. 2016): ten symbols of 8, a
-  delay of T blanks, a delimiter, and the symbols to recall in the last ten
-  steps. Guessing after the delimiter scores 10·log(8)/(T+20) per step.
+* ``copy``: the copy-memory task (Arjovsky et al. 2016), T + 20 steps: ten symbols
+  of 8, T - 1 blanks, a delimiter, and the symbols to recall in the last ten steps
+  (the delimiter ends a delay of T steps). Guessing after the delimiter scores
+  10·log(8)/(T+20) per step.
 
 Batches are NumPy arrays drawn from ``(seed, step)``, so a run is reproducible and
 resumable from its step alone.
