@@ -51,7 +51,8 @@ class Busy(CheckpointError):
     """Another process holds the directory (see `locked`)."""
 
 
-def _sha256(path):
+def sha256(path):
+    """The SHA-256 of a file, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -112,7 +113,7 @@ def _write(tmp, step, leaves, meta):
     manifest = {
         "format": 2,  # 2: with manifest_sha256
         "step": int(step),
-        "sha256": _sha256(arrays),
+        "sha256": sha256(arrays),
         "leaves": [[list(x.shape), str(x.dtype)] for x in leaves],
         "meta": meta,
     }
@@ -216,7 +217,7 @@ def _read(path, template, validate):
     if callable(template):
         template = template(manifest["meta"])
     arrays = os.path.join(path, "arrays.npz")
-    if _sha256(arrays) != manifest["sha256"]:
+    if sha256(arrays) != manifest["sha256"]:
         raise OSError("arrays.npz does not match the checksum in manifest.json")
     with np.load(arrays, allow_pickle=False) as data:
         leaves = [data[f"leaf_{i:05d}"] for i in range(len(manifest["leaves"]))]

@@ -12,7 +12,6 @@ so the checkpoints keep the parameters from before it diverged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -383,7 +382,7 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
     elapsed = time.perf_counter() - t0
     # The loss at the start and at the end of this call's steps, each a mean over as many
     # steps (up to 20, and not overlapping); with no new step, the run's last steps.
-    new = history[start:] if done > start else []
+    new = history[start:]
     window = max(1, min(_SMOOTH, len(new) // 2)) if new else min(_SMOOTH, len(history))
     summary = {"task": config.task, "cell": config.cell, "backward": config.backward,
                "steps": config.steps, "resumed_from": start, "stopped_at": done,
@@ -410,16 +409,11 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         record["mended"] = True
     _replace(history_path, lambda f: json.dump(
         {"config": run_config if done == start else dataclasses.asdict(config), "loss": history,
-         "plot_sha256": summary["plot"] and _sha256(plot_path), "summary": record}, f))
+         "plot_sha256": summary["plot"] and checkpoint.sha256(plot_path), "summary": record}, f))
     return summary
 
 
 _SMOOTH = 20  # steps averaged for the summary's first and final loss
-
-
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _holds(history_path, history, plot_path):
@@ -431,7 +425,7 @@ def _holds(history_path, history, plot_path):
             record = json.load(f)
         digest = record.get("plot_sha256")
         return record["loss"] == history and (
-            digest == _sha256(plot_path) if digest else os.path.exists(plot_path) or not history)
+            digest == checkpoint.sha256(plot_path) if digest else os.path.exists(plot_path) or not history)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 

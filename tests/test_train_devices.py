@@ -17,14 +17,21 @@ from jaxbptt import checkpoint
 pytest.importorskip("names")
 
 
-def _train(out, steps, devices, task="charlm", *options):
-    flags = os.environ.get("XLA_FLAGS", "")  # conftest.py's, kept
-    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4"}
+def _env(count=None):
+    """The environment with conftest.py's XLA_FLAGS, and a host device count or none."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
+    if count:
+        flags.append(f"--xla_force_host_platform_device_count={count}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
+def _train(out, steps, devices, task="charlm", *options, env=None):
     cmd = [sys.executable, "-m", "jaxbptt.cli", "train", task, "--out", str(out),
            "--steps", str(steps), "--devices", str(devices), "--quiet",
            *(options or ("--batch", "8", "--hidden", "8", "--save-every", "10",
                          "--sample-every", "0"))]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env or _env(4), capture_output=True, text=True, timeout=600)
 
 
 def _final(out):
@@ -65,18 +72,7 @@ def test_a_long_run_between_checkpoints_does_not_hang(tmp_path):
 
 
 def _cli(out, devices, batch, env):
-    return subprocess.run([sys.executable, "-m", "jaxbptt.cli", "train", "adding", "--steps", "3",
-                           "--devices", devices, "--batch", batch, "--hidden", "8", "--quiet",
-                           "--out", str(out)], env=env, capture_output=True, text=True)
-
-
-def _env(count=None):
-    """The environment with conftest.py's XLA_FLAGS, and a host device count or none."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if "xla_force_host_platform_device_count" not in f]
-    if count:
-        flags.append(f"--xla_force_host_platform_device_count={count}")
-    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+    return _train(out, 3, devices, "adding", "--batch", batch, "--hidden", "8", env=env)
 
 
 def test_devices_on_a_cpu_need_no_flags(tmp_path):
