@@ -4,12 +4,12 @@ import json
 import os
 import platform
 
-import jax
-
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def machine():
+    import jax  # here, so that a script can set up JAX (host devices) after importing this
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -20,9 +20,21 @@ def machine():
             "jax": jax.__version__, "backend": jax.default_backend()}
 
 
-def write_json(name, data):
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+def add_out(parser):
+    """``--out DIR``: where the script writes its JSON and PNG files."""
+    parser.add_argument("--out", metavar="DIR", default=RESULTS,
+                        help="where the JSON and PNG files go (default experiments/results, "
+                             "whose files RESULTS.md quotes: point a trial run elsewhere)")
+
+
+def out_path(out, name):
+    """``out/name``, creating ``out``."""
+    os.makedirs(out, exist_ok=True)
+    return os.path.join(out, name)
+
+
+def write_json(name, data, out=RESULTS):
+    path = out_path(out, name)
     with open(path, "w") as f:
         json.dump({"machine": machine(), **data}, f, indent=1)
     return path

@@ -3,12 +3,13 @@
 Peers: pip install -e ".[bench]"   (Flax, Equinox, matplotlib) and PyTorch's CPU build,
       torch==2.13.0 (README, Install)
 Run:  python experiments/bench_bptt.py            # full run, ~12-15 min on 2 cores
-      python experiments/bench_bptt.py --quick    # 1-2 min smoke run (3 runs, small shapes)
+      python experiments/bench_bptt.py --quick    # about 2 min smoke run (3 runs, small shapes)
       python experiments/bench_bptt.py --resummarize results/bench_bptt.json  # ratios from stored times
       python experiments/bench_bptt.py --markdown results/bench_bptt.json  # RESULTS.md's tables
+      python experiments/bench_bptt.py --plot results/bench_bptt.json  # redraw its PNG
       options: --cells lstm,gru,rnn  --runs N  --warmup N  --sweep-T 64,256,1024,4096
                --sweep-time-max-T 4096 (1024 skips timing the longest, ~-5 min)  --no-sweep
-               --torch-threads N (default: PyTorch's own default, reported)
+               --torch-threads N (default: PyTorch's own default, reported)  --out DIR
 
 For each cell (RNN, LSTM, GRU in its cuDNN form) and shape (T, B, n_x, n_a) it times the
 gradient of loss = sum(hs * w) with respect to the parameters, the inputs xs and the initial
@@ -71,7 +72,7 @@ import numpy as np
 
 import _bench_peers as peers
 import jaxbptt
-from _common import RESULTS, machine, write_json
+from _common import add_out, machine, write_json
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 SHAPES = {
@@ -550,16 +551,17 @@ def print_sweep(rows, Ts, B, n_x, n_a):
                 print(f"  {name:<{width - 2}}" + line)
 
 
-def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
+def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["variant"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))  # in one order: stable colours
+    names.sort(key=lambda n: (not n.startswith("bptt"), "/" in n, "slots" in n))
     # tab20: its ten dark colours first, then the light ones
     colors = {n: plt.cm.tab20((2 * i) % 20 + (2 * i) // 20) for i, n in enumerate(names)}
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(15, 5.2))
     for name in names:
         rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
         mem = [(r["T"], r["temp_mib"]) for r in rs if r.get("temp_mib")]
@@ -568,32 +570,39 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs):
                      linestyle="--" if name in ("flax", "equinox", "torch", "torch-aten") else "-")
         if mem:
             ax_m.plot(*zip(*mem), **style)
-        if tim:
-            ax_t.plot(*zip(*tim), **style)
-    for ax, ylabel, title in (
-            (ax_m, "XLA temp memory (MiB)", "XLA temporary memory (compiled, JAX variants)"),
-            (ax_t, "median time (ms)", f"time of forward + backward (median of {runs})")):
+        if tim:  # per step, so that the variants do not all lie on one line
+            ax_t.plot(*zip(*[(T, ms / T) for T, ms in tim]), **style)
+    timed = sorted({r["T"] for r in rows if r.get("median_ms")})
+    for ax, ylabel, title, ticks in (
+            (ax_m, "XLA temp memory (MiB)", "XLA temporary memory (compiled, JAX variants)", Ts),
+            (ax_t, "median time / T (ms per step)",
+             f"time of forward + backward per step (median of {runs})", timed)):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(Ts)
-        ax.set_xticklabels([str(T) for T in Ts])
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(T) for T in ticks])
         ax.set_xlabel("sequence length T (steps)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=9)
+    ax_m.set_yscale("log")
+    ax_t.set_ylim(bottom=0)
+    handles = {}  # one legend for both panels, beside them (PyTorch has no memory line)
+    for ax in (ax_m, ax_t):
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.86, 0.5),
+               fontsize=9)
     fig.suptitle(f"LSTM gradient (params, xs, a0, c0), B={B}, n_x={n_x}, n_a={n_a}, float32, "
-                 f"{jax.default_backend().upper()}")
-    fig.tight_layout()
+                 f"{backend.upper()}")
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="~1 min smoke run: small shapes, 3 runs")
+    p.add_argument("--quick", action="store_true", help="about 2 min smoke run: small shapes, 3 runs")
     p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset of lstm,gru,rnn")
     p.add_argument("--runs", type=int, default=None, help="timed runs per variant (7; quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
@@ -605,6 +614,10 @@ def main():
                    help="torch.set_num_threads(N) (default: leave PyTorch's default)")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print RESULTS.md's tables from a stored run (no timing)")
+    add_out(p)
+    p.add_argument("--plot", metavar="JSON", default=None,
+                   help="redraw the memory and time against T PNG from a stored run, beside "
+                        "it (no timing)")
     p.add_argument("--resummarize", metavar="JSON", default=None,
                    help="recompute the paired ratios and geometric means of a stored run "
                         "from its times, and rewrite it (no timing)")
@@ -614,6 +627,14 @@ def main():
         return
     if args.markdown:
         markdown(args.markdown)
+        return
+    if args.plot:
+        with open(args.plot) as f:
+            run = json.load(f)
+        sw = run["sweep"]
+        png = os.path.join(os.path.dirname(os.path.abspath(args.plot)),
+                           f"bench_memory_vs_T{'_quick' if run['quick'] else ''}.png")
+        print(f"wrote {plot_sweep(sw['rows'], sw['T'], sw['B'], sw['n_x'], sw['n_a'], png, run['runs'], run['machine']['backend'])}")
         return
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -702,7 +723,8 @@ def main():
     png = None
     if sweep_rows:
         png = plot_sweep(sweep_rows, sweep_Ts, sB, sx, sa,
-                         os.path.join(RESULTS, f"bench_memory_vs_T{suffix}.png"), runs)
+                         os.path.join(args.out, f"bench_memory_vs_T{suffix}.png"), runs,
+                         jax.default_backend())
     if notes.items:
         print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes.items))
     load1 = os.getloadavg()
@@ -716,7 +738,7 @@ def main():
         "results": results, "geomeans": gm,
         "sweep": {"cell": "lstm", "B": sB, "n_x": sx, "n_a": sa, "T": sweep_Ts,
                   "time_max_T": sweep_time_max, "rows": sweep_rows},
-        "notes": notes.items, "seconds": time.perf_counter() - t_start})
+        "notes": notes.items, "seconds": time.perf_counter() - t_start}, args.out)
     print(f"\nwrote {path}" + (f", {png}" if png else "")
           + f" in {time.perf_counter() - t_start:.0f} s (load average {load1[0]:.1f})")
 

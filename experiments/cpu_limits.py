@@ -36,7 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_json
+from _common import add_out, write_json
 from jax import lax
 
 MiB = 2**20
@@ -174,7 +174,8 @@ def fault_cost_us(mib=128, repeats=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--runs", type=int, default=15, help="timed calls per measurement (default 15)")
+    add_out(ap)
     ap.add_argument("--pinned-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shapes = [(32, 128), (32, 256), (64, 512)]
@@ -229,7 +230,7 @@ def main():
     path = write_json("cpu_limits.json", {
         "runs": args.runs, "steps": STEPS, "cpus": len(cpus), "step_product": cores,
         "overlap_ms": over, "beside_ms": side, "faults_per_call": faults,
-        "fault_cost_us": cost, "page_bytes": page, "slices_us": sliced})
+        "fault_cost_us": cost, "page_bytes": page, "slices_us": sliced}, args.out)
     print(f"\nwrote {path}")
 
 

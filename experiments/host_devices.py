@@ -37,6 +37,8 @@ import statistics
 import sys
 import time
 
+from _common import add_out, write_json  # (imports JAX only when called)
+
 
 def _cpus():
     try:
@@ -55,6 +57,7 @@ def _parse_args():
     p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print RESULTS.md's table from a stored run (no timing)")
+    add_out(p)
     return p.parse_args()
 
 
@@ -71,7 +74,6 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import _bench_peers as peers  # noqa: E402
-from _common import write_json  # noqa: E402
 from bench_bptt import (SHAPES, Notes, Variant, available_peers, compile_jax,  # noqa: E402
                         geomean, rel_err, time_interleaved, versions)
 
@@ -197,7 +199,7 @@ def main():
     print(f"\n{markdown(results, n)}")
     path = write_json("host_devices.json", {"devices": n, "runs": args.runs,
                                             "versions": versions(avail), "notes": notes.items,
-                                            "torch_threads": torch_threads, "results": results})
+                                            "torch_threads": torch_threads, "results": results}, args.out)
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
 
 

@@ -2,7 +2,7 @@
 
 Both runs see the same data and start from the same parameters; their losses
 must agree to float32 round-off over the whole run.
-Run: python experiments/learning_curves.py [--steps 1500]
+Run: python experiments/learning_curves.py [--steps 1500] [--out DIR]
 Writes results/learning_curves.json and results/learning_curves.png.
 """
 
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import RESULTS, write_json  # noqa: E402
+from _common import add_out, out_path, write_json  # noqa: E402
 
 from jaxbptt import tasks, train  # noqa: E402
 
@@ -32,8 +32,9 @@ RUNS = [  # task, cell, T, lr
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and parameters (default 0)")
+    add_out(p)
     args = p.parse_args()
     results, t0 = [], time.perf_counter()
     fig, axes = plt.subplots(1, len(RUNS), figsize=(4.2 * len(RUNS), 3.8), dpi=110)
@@ -61,17 +62,17 @@ def main():
         ax.plot(b, lw=1.6, label="bptt (hand-derived)")
         ax.plot(a, lw=1.0, ls="--", label="autodiff")
         ax.axhline(base, color="gray", ls=":", lw=1, label="baseline")
-        ax.set(title=f"{task_name} ({cell.upper()}{', T=' + str(T) if T else ''})",
+        ax.set(title=f"{task_name} ({cell.upper()}{', T=' + str(T) if T else ''})\n"
+                     f"max relative difference {diff:.1e}",
                xlabel="training step", ylabel="MSE" if task_name == "adding" else "nats / symbol")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Learning curves, same seed: max relative loss difference "
-                 f"{max(r['max_rel_diff'] for r in results):.1e}")
+    fig.suptitle("Learning curves, hand-derived BPTT and autodiff: same seed, same data")
     fig.tight_layout()
-    png = os.path.join(RESULTS, "learning_curves.png")
+    png = out_path(args.out, "learning_curves.png")
     fig.savefig(png)
     path = write_json("learning_curves.json", {"steps": args.steps, "runs": results,
-                                               "seconds": time.perf_counter() - t0})
+                                               "seconds": time.perf_counter() - t0}, args.out)
     print(f"wrote {path}, {png} in {time.perf_counter() - t0:.0f} s")
 
 

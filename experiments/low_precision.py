@@ -9,7 +9,7 @@ relative L2 distance to the truth over all leaves; the table gives, per cell, dt
 shape, the bptt / autodiff error ratio over the seeds (median, min-max) and the median
 errors.
 
-Run: python experiments/low_precision.py [--seeds 8]
+Run: python experiments/low_precision.py [--seeds 8] [--out DIR]
 Writes results/low_precision.json.
 """
 
@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_json
+from _common import add_out, write_json
 
 import jaxbptt as jb
 
@@ -64,7 +64,8 @@ def rel_l2(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=8, help="seeds per cell, dtype and shape (default 8)")
+    add_out(p)
     args = p.parse_args()
     t0, rows = time.perf_counter(), []
     print(f"{'cell':<12}{'dtype':<10}{'T, B, n_x, n_a':<20}{'ratio median':>13}{'min-max':>14}"
@@ -95,7 +96,7 @@ def main():
     print(f"\nbptt / autodiff error over every cell, dtype, shape and seed: "
           f"{ratios[:, 0].min():.2f}-{ratios[:, 1].max():.2f} "
           f"(medians {min(medians):.2f}-{max(medians):.2f})")
-    path = write_json("low_precision.json", {"seeds": args.seeds, "rows": rows})
+    path = write_json("low_precision.json", {"seeds": args.seeds, "rows": rows}, args.out)
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 

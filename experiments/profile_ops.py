@@ -18,7 +18,9 @@ bench_bptt.py; the untraced median is printed beside them.
 
 Run: python experiments/profile_ops.py [--cell lstm] [--shape 100 32 64 128]
          [--backward bptt|autodiff] [--residuals gates] [--chunk K] [--variant course|cudnn]
-Writes results/profile_ops_<cell>_<T>_<B>_<n_x>_<n_a>_<backward>[_<residuals>][_<variant>].json.
+         [--out DIR]
+Writes results/profile_ops_<cell>_<T>_<B>_<n_x>_<n_a>_<backward>[_<residuals>][_<variant>]
+[_chunk<K>].json.
 """
 
 import argparse
@@ -31,7 +33,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from _common import write_json
+from _common import add_out, write_json
 
 import jaxbptt as jb
 
@@ -132,6 +134,7 @@ def main():
     ap.add_argument("--variant", choices=("course", "cudnn"), default="cudnn", help="GRU form")
     ap.add_argument("--calls", type=int, default=10, help="calls traced (and timed untraced)")
     ap.add_argument("--top", type=int, default=20, help="ops listed")
+    add_out(ap)
     args = ap.parse_args()
     T = args.shape[0]
 
@@ -209,7 +212,7 @@ def main():
     path = write_json(f"{name}.json", {
         "label": label, "args": vars(args), "calls": n, "untraced_median_ms": median_ms,
         "ops_ms_per_call": ops_ms, "busy_ms_per_call": busy_ms,
-        "classes_ms_per_call": dict(classes), "side_by_side": overlaps, "ops": rows})
+        "classes_ms_per_call": dict(classes), "side_by_side": overlaps, "ops": rows}, args.out)
     print(f"\nwrote {path}")
 
 

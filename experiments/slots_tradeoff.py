@@ -7,18 +7,19 @@ gradient, the estimate (`jaxbptt.memory.plan_bytes`), the median time (interleav
 a new random order each round) relative to "checkpoint" at K = sqrt(T), the chunk forwards
 rerun per chunk, F(n, m) / n, and the planner's time model for it.
 
-Run: python experiments/slots_tradeoff.py [--T 1024] [--runs 7]
+Run: python experiments/slots_tradeoff.py [--T 1024] [--runs 7] [--out DIR]
+     python experiments/slots_tradeoff.py --plot results/slots_tradeoff_T1024.json  # redraw
 Writes results/slots_tradeoff_T<T>.json and results/slots_tradeoff_T<T>.png.
 """
 
 import argparse
-import os
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import RESULTS, write_json
+from _common import add_out, out_path, write_json
 
 import jaxbptt as jb
 from jaxbptt import _driver, memory
@@ -41,9 +42,18 @@ def variants(T):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=1024)
-    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
+    p.add_argument("--runs", type=int, default=7, help="timed rounds (default 7)")
+    p.add_argument("--plot", metavar="JSON", default=None,
+                   help="redraw the PNG of a stored run, beside it (no timing)")
+    add_out(p)
     args = p.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            run = json.load(f)
+        png = args.plot.removesuffix(".json") + ".png"
+        print(f"wrote {plot(run['rows'], run['T'], png)}")
+        return
     T, t0 = args.T, time.perf_counter()
     params = jb.init_lstm(jax.random.PRNGKey(0), N_X, N_A)
     xs = jax.random.normal(jax.random.PRNGKey(1), (T, B, N_X))
@@ -90,9 +100,9 @@ def main():
         mo = f"{r['model_relative']:.2f}" if r["model_relative"] else "-"
         print(f"{r['variant']:<22}{r['temp_mib']:>9.2f}{r['estimate_mib']:>9.2f}"
               f"{r['median_ms']:>9.1f}{r['relative']:>8.2f}{fn_:>7}{mo:>7}")
-    png = plot(rows, T, os.path.join(RESULTS, f"slots_tradeoff_T{T}.png"))
+    png = plot(rows, T, out_path(args.out, f"slots_tradeoff_T{T}.png"))
     path = write_json(f"slots_tradeoff_T{T}.json", {"T": T, "B": B, "n_x": N_X, "n_a": N_A,
-                                              "runs": args.runs, "rows": rows})
+                                              "runs": args.runs, "rows": rows}, args.out)
     print(f"\nwrote {path}, {png} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -112,15 +122,21 @@ def plot(rows, T, path):
                      if r["variant"].startswith(prefix))
         if pts:
             ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 else "", label=label)
-    for i, r in enumerate(rows):  # slots labels above and below in turn: neighbours are close
+    # Labels above right, but K=8's left (clear of the nests to its right; its last one, level
+    # with the one before at long T, below right) and K=2's below left (clear of K=1 beside it).
+    last8 = max((r["slots"] for r in rows if r.get("chunk") == 8 and "slots" in r), default=None)
+    for r in rows:
         if "slots" in r or isinstance(r.get("chunk"), (tuple, list)):
             text = f"m={r['slots']}" if "slots" in r else str(tuple(r["chunk"]))
-            if r.get("chunk") == 1:
-                offset, ha = (6, -3), "left"
-            else:
-                offset, ha = ((0, 6) if i % 2 or "slots" not in r else (0, -13)), "center"
-            ax.annotate(text, (r["temp_mib"], r["relative"]), fontsize=8,
-                        textcoords="offset points", xytext=offset, ha=ha)
+            offset, ha, va = (5, 3), "left", "bottom"
+            if "slots" in r and r["chunk"] == 8:
+                offset, ha, va = (((5, -4), "left", "top") if r["slots"] == last8
+                                  else ((-6, 0), "right", "center"))
+            elif "slots" in r and r["chunk"] == 2:
+                offset, ha, va = (-5, -3), "right", "top"
+            ax.annotate(text, (r["temp_mib"], r["relative"]), fontsize=8, ha=ha, va=va,
+                        textcoords="offset points", xytext=offset,
+                        bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
     ax.set_xscale("log")
     ticks = [2.0**i for i in range(-1, 12)]
     lo, hi = min(r["temp_mib"] for r in rows), max(r["temp_mib"] for r in rows)
@@ -133,7 +149,6 @@ def plot(rows, T, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

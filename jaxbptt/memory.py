@@ -72,7 +72,7 @@ def plan_bytes(policy, K, T, fp, slots=None):
     and the reruns' input projections (K z), which XLA keeps apart.
     XLA's temp memory was 0.82-1.03x this for the LSTM, 0.85-1.10x for the GRU and
     0.68-1.15x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py); for
-    one-step chunks with one to four slots, 0.99x, 0.80-0.89x and 0.54-0.61x.
+    one-step chunks with one to four slots, 0.91-0.99x, 0.80-0.82x and 0.54-0.61x.
     """
     sizes = K if isinstance(K, tuple) else (K,)
     n = -(-T // sizes[0])
