@@ -22,7 +22,7 @@ from jaxbptt.rnn import init_rnn, rnn
 #: (cell, variant) pairs the library implements.
 CELLS = (("rnn", "tanh"), ("lstm", "course"), ("gru", "course"), ("gru", "cudnn"))
 #: Largest normwise relative error accepted, by dtype.
-TOLERANCE = {"float64": 1e-10, "float32": 2e-5}
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5}
 
 
 @dataclasses.dataclass

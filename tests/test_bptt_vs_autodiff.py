@@ -14,6 +14,7 @@ SHAPES = [  # (T, B, n_x, n_a)
     (1, 3, 2, 4),
     (5, 1, 1, 3),
     (7, 4, 3, 5),
+    (131, 2, 3, 4),  # several chunks at the default sizes (LSTM, GRU 8 steps; RNN 128), a short last one
     pytest.param((12, 2, 6, 3), marks=pytest.mark.slow),
 ]
 TOL = {np.float64: 1e-12, np.float32: 2e-5}
@@ -69,8 +70,8 @@ def test_float32_jit(cell, shape, device):
 def test_gradients_reach_every_argument(cell, device):
     # Every parameter, input and initial state gets a nonzero gradient (nothing dropped,
     # c0 included), and the forward of the two modes is the same.
-    fn, params, xs, state0 = make(cell, 5, 3, 2, 4)
-    grads = _grads(cell, (5, 3, 2, 4), np.float64, "both", "bptt", device)
+    fn, params, xs, state0 = make(cell, 19, 3, 2, 4)  # several chunks but the RNN's
+    grads = _grads(cell, (19, 3, 2, 4), np.float64, "both", "bptt", device)
     for g in jax.tree.leaves(grads):
         assert float(jnp.max(jnp.abs(g))) > 1e-6
     out_b = fn(params, xs, state0, backward="bptt")

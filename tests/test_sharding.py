@@ -101,7 +101,7 @@ def test_hlo_residuals_stay_sharded(report):
         assert r["batch_indexed_collectives"] == [], (where, r["collectives"])
 
 
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(strict=True, reason=(
     "library: on a mesh with Auto axes the shardings are not in the types, so the "
     "chunked driver cannot type its dW accumulator unreduced (as it does on Explicit "
     "meshes, tested above), and XLA's CPU pipeline all-reduces the carry in every "
