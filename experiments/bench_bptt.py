@@ -634,7 +634,9 @@ def main():
         sw = run["sweep"]
         png = os.path.join(os.path.dirname(os.path.abspath(args.plot)),
                            f"bench_memory_vs_T{'_quick' if run['quick'] else ''}.png")
-        print(f"wrote {plot_sweep(sw['rows'], sw['T'], sw['B'], sw['n_x'], sw['n_a'], png, run['runs'], run['machine']['backend'])}")
+        png = plot_sweep(sw["rows"], sw["T"], sw["B"], sw["n_x"], sw["n_a"], png, run["runs"],
+                         run["machine"]["backend"])
+        print(f"wrote {png}")
         return
 
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]

@@ -57,17 +57,17 @@ def main(args):
             rows.extend(_row(cell, shape, policy) for policy in _driver.POLICIES)
         for shape in SLOT_SHAPES:
             rows.extend(_row(cell, shape, "checkpoint", 1, m) for m in SLOTS)
-    kinds = {**{p: p for p in _driver.POLICIES}, "slots": "K=1, 1-4 slots"}
+    kinds = {**{p: p for p in _driver.POLICIES}, "slots": "K=1, 1-4 slots",
+             "policies": "policies"}  # the last: the three policies at their default chunks
     print("\nXLA's temp memory / the estimate, min-max over the shapes (slots: checkpoint)")
-    print(f"{'cell':<6}" + "".join(f"{k:>16}" for k in kinds.values()) + f"{'policies':>12}")
+    print(f"{'cell':<6}" + "".join(f"{k:>16}" for k in kinds.values()))
     for cell in ("lstm", "gru", "rnn"):
-        ranges = []
-        for kind in (*kinds, None):  # None: the three policies at their default chunks
-            r = [row["ratio"] for row in rows if row["cell"] == cell and (
-                kind == ("slots" if row["slots"] is not None else row["policy"])
-                or kind is None and row["slots"] is None)]
-            ranges.append(f"{min(r):.2f}-{max(r):.2f}")
-        print(f"{cell:<6}" + "".join(f"{x:>16}" for x in ranges[:-1]) + f"{ranges[-1]:>12}")
+        line = f"{cell:<6}"
+        for kind in kinds:
+            r = [row["ratio"] for row in rows if row["cell"] == cell and kind in (
+                ("slots",) if row["slots"] is not None else ("policies", row["policy"]))]
+            line += f"{f'{min(r):.2f}-{max(r):.2f}':>16}"
+        print(line)
     print(f"wrote {write_json('memory_estimate.json', {'rows': rows}, args.out)}")
 
 
