@@ -78,12 +78,14 @@ def test_dropout_is_inverted_and_keyed():
     assert rel_err(a, b) == 0.0 and rel_err(a, base) > 1e-3 and rel_err(a, c) > 1e-3
     one = jb.stack(layers[:1], xs, dropout=0.5, key=key)[0]  # no dropout after the last layer
     assert rel_err(one, jb.stack(layers[:1], xs)[0]) == 0.0
-    # Inverted dropout: the mean input of layer 2 is preserved.
-    h1 = jb.gru(layers[0], xs)[0]
-    keep = jax.random.bernoulli(jax.random.split(key, 3)[1], 0.5, h1.shape)
-    expected = jb.gru(layers[1], jnp.where(keep, h1 / 0.5, 0.0))[0]
-    got = jb.stack(layers[:2], xs, dropout=0.5, key=key)[0]
-    assert rel_err(got, expected) < 1e-15
+    # Inverted dropout on the input of every layer but the first, each layer with its own
+    # mask (key l of split(key, L)): the mean input of each is preserved.
+    keys = jax.random.split(key, 3)
+    h = jb.gru(layers[0], xs)[0]
+    for l in (1, 2):
+        keep = jax.random.bernoulli(keys[l], 0.5, h.shape)
+        h = jb.gru(layers[l], jnp.where(keep, h / 0.5, 0.0))[0]
+        assert rel_err(jb.stack(layers[:l + 1], xs, dropout=0.5, key=key)[0], h) < 1e-15, l
 
 
 def test_stack_errors():
