@@ -174,3 +174,15 @@ def test_an_empty_batch_runs(cell):
     hs, _ = fn(params, xs[:, :0])
     assert hs.shape == (4, 0, 5)
     assert jb.residual_plan(params, xs[:, :0], 1 << 20).bytes >= 0
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_params_without_inputs(cell):
+    # n_x = 0 (an input weight with no columns): refused, not run as an input-free cell.
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    if cell == "rnn":
+        bad = params._replace(Wax=params.Wax[:, :0])
+    else:
+        bad = jb.LSTMParams(*(w[:, :5] if w.ndim == 2 else w for w in params))
+    with pytest.raises(ValueError, match=r"cannot read an input size n_x >= 1 from shapes"):
+        fn(bad, xs[..., :0], state0)

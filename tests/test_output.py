@@ -84,6 +84,10 @@ def test_bad_labels_and_shapes():
         jb.cross_entropy(out, hs, labels, weights=jnp.ones(labels.shape).tolist())
     with pytest.raises(TypeError, match="params must be OutputParams .*got dict"):
         jb.cross_entropy(out._asdict(), hs, labels)
+    with pytest.raises(ValueError, match=r"hs has shape \(5, 3, 3\) but Wya"):  # predict too
+        jb.predict(out, hs[..., :3])
+    with pytest.raises(TypeError, match="params must be OutputParams .*got dict"):
+        jb.predict(out._asdict(), hs)
 
 
 def test_labels_outside_the_classes_count_for_nothing():

@@ -430,3 +430,21 @@ def test_too_many_devices_is_refused_before_out_is_made(tmp_path):
     with pytest.raises(ValueError, match="JAX sees"):
         train.train(config, str(tmp_path / "run"), log=lambda *_: None, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_save_keeps_the_newest_earlier_checkpoints(tmp_path):
+    # keep=k: a save leaves itself and the newest k - 1 of the earlier steps (keep=0: all
+    # of them); checkpoints of later steps are never pruned.
+    d = str(tmp_path)
+    tree = {"w": np.zeros(2, np.float32)}
+
+    def steps():
+        return [int(os.path.basename(p).split("-")[1]) for p in checkpoint.list_checkpoints(d)]
+
+    for s in (1, 2, 3, 4):
+        checkpoint.save(d, s, tree, {}, keep=0)
+    assert steps() == [1, 2, 3, 4]
+    checkpoint.save(d, 5, tree, {}, keep=2)
+    assert steps() == [4, 5]
+    checkpoint.save(d, 3, tree, {}, keep=1)  # an earlier step: the later ones stay
+    assert steps() == [3, 4, 5]
