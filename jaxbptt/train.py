@@ -194,7 +194,8 @@ def placement(config: Config):
 class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal)."""
 
-    def __init__(self, total, start=0, desc="", stream=sys.stderr):
+    def __init__(self, total, start=0, desc="", stream=None):
+        stream = sys.stderr if stream is None else stream  # (read now: it may be redirected)
         self.total, self.n, self.desc, self.stream = total, start, desc, stream
         self.t0, self.last, self.line, self.cleared = time.perf_counter(), -1.0, "", False
         self.tty = stream.isatty()

@@ -1,5 +1,6 @@
 """The `jaxbptt` command line: `check` compares every cell on every backend."""
 
+import dataclasses
 import importlib
 import json
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from jaxbptt import check, cli
+from jaxbptt import check, cli, train
 
 
 def test_check_passes_and_names_every_cell(capsys):
@@ -85,6 +86,37 @@ def test_train_sample_and_resume(tmp_path, capsys):
     code, out = _exit_code(["sample", "--out", str(tmp_path), "--n", "4"], capsys)
     assert code == 0 and len(out.out.strip().splitlines()) == 4
     assert "at step 30" in out.err
+
+
+def test_every_train_option_reaches_the_run(tmp_path, capsys):
+    # Each option set away from its default is the run's setting (history.json records
+    # the run's Config); --quiet leaves stderr empty.
+    pytest.importorskip("names")
+    options = {"cell": "lstm", "hidden": 8, "T": 0, "steps": 6, "batch": 4, "optimizer": "sgd",
+               "lr": 0.03, "clip": "norm", "clip_value": 2.5, "backward": "autodiff",
+               "seed": 3, "save_every": 4, "sample_every": 5, "devices": 1}
+    argv = ["train", "charlm", "--out", str(tmp_path), "--quiet"]
+    for k, v in options.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    code, out = _exit_code(argv, capsys)
+    assert code == 0 and out.err == "", out.err
+    config = json.loads((tmp_path / "history.json").read_text())["config"]
+    assert config == {"task": "charlm", **options}
+    defaults = dataclasses.asdict(train.Config())
+    changed = {k for k, v in options.items() if v != defaults[k]}
+    assert changed == set(options) - {"T", "devices"}  # (those two: see test_train*.py)
+
+
+def test_sample_max_len(tmp_path, capsys):
+    pytest.importorskip("names")
+    assert _exit_code(["train", "charlm", "--steps", "5", "--out", str(tmp_path), "--hidden",
+                       "8", "--batch", "4", "--sample-every", "0", "--quiet"], capsys)[0] == 0
+    code, out = _exit_code(["sample", "--out", str(tmp_path), "--n", "30", "--max-len", "3"],
+                           capsys)
+    names = out.out.splitlines()
+    assert code == 0 and len(names) == 30
+    assert all(len(n.removesuffix("…")) <= 3 and "…" not in n.removesuffix("…") for n in names)
+    assert any(n.endswith("…") and len(n) == 4 for n in names), names
 
 
 def test_gradflow_writes_plots_and_json(tmp_path, capsys):

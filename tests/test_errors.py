@@ -125,6 +125,8 @@ def test_mixed_dtypes(cell):
     _raises(TypeError, ["float32", "float64"], fn, p32, xs, state0)
     mixed = params._replace(**{params._fields[1]: getattr(params, params._fields[1]).astype(np.float32)})
     _raises(TypeError, ["mixes dtypes", "float32"], fn, mixed, xs, state0)
+    s32 = jax.tree.map(lambda s: s.astype(np.float32), state0)
+    _raises(TypeError, ["is float32 but the params are float64; cast"], fn, params, xs, s32)
 
 
 @pytest.mark.parametrize("cell", CELLS)

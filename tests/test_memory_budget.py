@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxbptt as jb
-from jaxbptt import memory
+from jaxbptt import memory, slots
 from jaxbptt.lstm import LSTM_CELL
 from cells import CELLS, cotangents, make, rel_err, vjp
 
@@ -126,6 +126,44 @@ def test_plan_prefers_speed_and_respects_the_budget():
             break
         assert plan.bytes <= budget
     assert plan.residuals == "checkpoint"
+
+
+def test_slot_plans_count_the_starts_the_forward_keeps():
+    # With m slots the forward keeps m + 1 chunk starts (one a scratch slot) where plain
+    # "checkpoint" keeps all n; the estimate differs by as many states, and by the
+    # reruns' input projections (K z), which are transient.
+    T, K, B, n_x, n_a = 30, 2, 4, 3, 5
+    fn, params, xs, state0 = make("lstm", T, B, n_x, n_a)
+    fp = memory.footprint(LSTM_CELL, params, B, n_x, n_a, np.float64)
+    n = T // K
+
+    def saved(**kw):  # bytes of the residuals the forward hands the backward
+        _, back = jax.vjp(lambda p: fn(p, xs, state0, residuals="checkpoint", chunk=K, **kw),
+                          params)
+        return sum(x.nbytes for x in jax.tree.leaves(back))
+    for m in (1, 3, 7):
+        kept = saved(slots=m) - saved()
+        assert kept == (m + 1 - n) * fp.s, (m, kept)
+        est = (memory.plan_bytes("checkpoint", K, T, fp, slots=m)
+               - memory.plan_bytes("checkpoint", K, T, fp))
+        assert est == kept + K * fp.z, (m, est, kept)
+
+
+def test_reruns_are_priced_as_checkpoint_s_own():
+    # A plan with slots: (1.3 + 0.3 F/n) (1 + 1/K), F = slots.cost(n, m) chunk reruns.
+    T = 1000
+    _, params, xs, _ = make("lstm", T, 8, 4, 16)
+    fp = memory.footprint(LSTM_CELL, params, 8, 4, 16, np.float64)
+    budget = memory.plan_bytes("checkpoint", 8, T, fp, slots=8)
+    plans = memory._slot_plans(T, fp, budget)  # chunks 1 to 8, each with reruns
+    assert {p.chunk for p in plans} == set(range(1, 9)) and all(
+        slots.cost(-(-T // p.chunk), p.slots) > 0 for p in plans)
+    for p in plans:
+        n = -(-T // p.chunk)
+        want = (1.3 + 0.3 * slots.cost(n, p.slots) / n) * (1 + 1 / p.chunk)
+        assert memory._time(p, T) == pytest.approx(want, rel=1e-15), p
+    assert jb.residual_plan(params, xs, budget) == min(
+        (p for p in plans if p.bytes <= budget), key=lambda p: (memory._time(p, T), p.bytes))
 
 
 def test_too_small_or_bad_budget():

@@ -5,9 +5,11 @@ resumes it, and compares the final parameters bit for bit with a run that was
 never interrupted.
 """
 
+import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +147,42 @@ def test_corrupted_manifest_falls_back_with_warning(tmp_path, edit):
     assert s["resumed_from"] == 20
 
 
+def test_a_manifest_that_lost_its_digest_falls_back_with_warning(tmp_path):
+    # A manifest with a format but no digest is not one written before digests existed:
+    # its history, edited meanwhile, is not trusted.
+    config = train.Config(**{**SMALL, "steps": 40, "task": "charlm"})
+    train.train(config, str(tmp_path), log=lambda *_: None, progress=False)
+    newest = checkpoint.list_checkpoints(str(tmp_path / "checkpoints"))[-1]
+    path = os.path.join(newest, "manifest.json")
+    manifest = json.load(open(path))
+    assert "format" in manifest
+    del manifest["manifest_sha256"]
+    manifest["meta"]["history"][0] += 1.0
+    json.dump(manifest, open(path, "w"))
+    with pytest.warns(UserWarning, match="ckpt-000000040: manifest.json does not match its own"):
+        s = train.train(train.Config(**{**SMALL, "steps": 50, "task": "charlm"}), str(tmp_path),
+                        log=lambda *_: None, progress=False)
+    assert s["resumed_from"] == 20
+
+
+def test_only_the_resumable_settings_may_change_on_resume(tmp_path):
+    _train(tmp_path, "run", task="charlm", steps=20)
+    # Any other setting is another run, named in the error.
+    others = dict(task="adding", cell="lstm", hidden=24, batch=4, optimizer="sgd", lr=0.02,
+                  clip="norm", clip_value=2.0, backward="autodiff", seed=1)
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    assert set(others) == fields - set(train.RESUMABLE) - {"T"}  # T: its own test above
+    for field, value in others.items():
+        with pytest.raises(checkpoint.CheckpointError, match=rf"\b{field}=\S+ \(asked "):
+            _train(tmp_path, "run", **{"task": "charlm", "steps": 30, field: value})
+    # The resumable ones (devices: tests/test_train_devices.py) resume.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = _train(tmp_path, "run", task="charlm", steps=30, save_every=5, sample_every=7)
+    assert s["resumed_from"] == 20 and s["checkpoint"].endswith("ckpt-000000030")
+    assert checkpoint._step(checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-2]) == 25
+
+
 def test_manifest_digest_survives_json(tmp_path):
     # Metadata that JSON changes on the way (int keys become strings, tuples lists, mixed
     # key types) reads back as written, not as a corrupted manifest.
@@ -221,15 +259,20 @@ def test_unreadable_checkpoints_are_kept_not_trained_over(tmp_path):
 
 def test_divergence_stops_before_a_non_finite_save(tmp_path):
     # A learning rate that blows the parameters up: the run stops with an error and
-    # every checkpoint it left holds finite parameters.
-    with pytest.raises(FloatingPointError, match="training diverged"):
+    # every checkpoint it left holds finite parameters. Saving every step, the step the
+    # error names is the one after the last checkpoint, which the error names too.
+    with pytest.raises(FloatingPointError, match="training diverged") as e:
         _train(tmp_path, "run", task="adding", cell="rnn", steps=40, T=10, save_every=1,
                optimizer="sgd", lr=1e30, clip="none")
     paths = checkpoint.list_checkpoints(str(tmp_path / "run" / "checkpoints"))
     for p in paths:
         with np.load(os.path.join(p, "arrays.npz")) as z:
             assert all(np.all(np.isfinite(z[k])) for k in z.files), p
-    assert len(paths) < 40
+    assert 0 < len(paths) < 40
+    last = checkpoint._step(paths[-1])
+    assert re.match(rf"the loss is (inf|nan) at step {last + 1}:", str(e.value)), (
+        last, str(e.value))
+    assert f"checkpoints up to step {last} are kept" in str(e.value)
 
 
 def test_ctrl_c_saves_the_step_and_resumes(tmp_path):
