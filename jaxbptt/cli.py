@@ -143,8 +143,10 @@ def _train(args) -> int:
     if summary.get("samples"):
         print("sampled names: " + train.listed(summary["samples"]))
     if summary["resumed_from"] >= config.steps:
+        did = ("wrote its missing or damaged history.json and loss.png again from the last "
+               "checkpoint" if summary.get("mended") else "nothing to do")
         print(f"{out} already holds {summary['resumed_from']} steps of this run (asked "
-              f"{config.steps}); nothing to do. Pass a larger --steps to train further.")
+              f"{config.steps}); {did}. Pass a larger --steps to train further.")
         return 0
     unit = "MSE" if config.task == "adding" else "nats/symbol"
     window = summary["loss_window"]
@@ -177,7 +179,7 @@ def _sample(args) -> int:
 
     try:
         found = checkpoint.restore_latest(os.path.join(args.out, "checkpoints"), charlm)
-    except checkpoint.CheckpointError as e:
+    except (checkpoint.CheckpointError, RuntimeError) as e:  # (RuntimeError: no 'names')
         args.parser.error(str(e))
     (params, _), manifest = found
     config = train.Config(**manifest["meta"]["config"])

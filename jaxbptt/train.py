@@ -405,9 +405,9 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         summary["plot"] = None
         return summary
     summary["plot"] = plot_history(history, task, config, plot_path)
-    record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
     if done == start:  # mended by a call that trained nothing: the run's own settings
-        record["mended"] = True
+        summary["mended"] = True
+    record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
     _replace(history_path, lambda f: json.dump(
         {"config": run_config if done == start else dataclasses.asdict(config), "loss": history,
          "plot_sha256": summary["plot"] and checkpoint.sha256(plot_path), "summary": record}, f))

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from jaxbptt import check, cli, train
+from jaxbptt import check, cli, tasks, train
 
 
 def test_check_passes_and_names_every_cell(capsys):
@@ -83,6 +83,12 @@ def test_train_sample_and_resume(tmp_path, capsys):
     assert (tmp_path / "history.json").exists()
     code, out = _exit_code(args[:3] + ["30"] + args[4:], capsys)
     assert code == 0 and "resuming from step 20" in out.out and "steps 20->30" in out.out
+    (tmp_path / "history.json").unlink()  # lost: the same command writes it again
+    code, out = _exit_code(args[:3] + ["30"] + args[4:], capsys)
+    assert code == 0 and "wrote its missing or damaged history.json" in out.out, out.out
+    assert (tmp_path / "history.json").exists()
+    code, out = _exit_code(args[:3] + ["30"] + args[4:], capsys)
+    assert code == 0 and "30 steps of this run (asked 30); nothing to do" in out.out, out.out
     code, out = _exit_code(["sample", "--out", str(tmp_path), "--n", "4"], capsys)
     assert code == 0 and len(out.out.strip().splitlines()) == 4
     assert "at step 30" in out.err
@@ -117,6 +123,19 @@ def test_sample_max_len(tmp_path, capsys):
     assert code == 0 and len(names) == 30
     assert all(len(n.removesuffix("…")) <= 3 and "…" not in n.removesuffix("…") for n in names)
     assert any(n.endswith("…") and len(n) == 4 for n in names), names
+
+
+def test_sample_without_the_names_package(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("names")
+    assert _exit_code(["train", "charlm", "--steps", "2", "--out", str(tmp_path), "--hidden",
+                       "4", "--batch", "2", "--sample-every", "0", "--quiet"], capsys)[0] == 0
+
+    def missing():
+        raise RuntimeError("the charlm task reads ... pip install 'jaxbptt[experiments]'")
+    monkeypatch.setattr(tasks, "names_corpus", missing)
+    code, out = _exit_code(["sample", "--out", str(tmp_path)], capsys)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "pip install 'jaxbptt[experiments]'" in lines[0]
 
 
 def test_gradflow_writes_plots_and_json(tmp_path, capsys):

@@ -324,6 +324,7 @@ def test_files_left_behind_are_mended_by_running_again(tmp_path, damage):
     open(run / f"{name}.tmp", "wb").write(stale[name][:50])  # killed mid-write
     s = _train(tmp_path, "run", task="charlm", steps=30)  # asks fewer steps than it holds
     assert s["resumed_from"] == 40 and s["first_loss"] is None and s["plot"] is not None
+    assert s["mended"]
     assert open(run / "loss.png", "rb").read() == whole["loss.png"]
     mended = json.load(open(run / "history.json"))
     assert mended["loss"] == json.loads(whole["history.json"])["loss"]
@@ -331,6 +332,7 @@ def test_files_left_behind_are_mended_by_running_again(tmp_path, damage):
     assert not (run / f"{name}.tmp").exists()
     s = _train(tmp_path, "run", task="charlm", steps=40)  # whole again: left as they are
     assert s["plot"] is None and open(run / "history.json").read() == json.dumps(mended)
+    assert "mended" not in s
 
 
 def test_summary_loss_is_over_this_call_s_steps(tmp_path):
