@@ -120,17 +120,22 @@ def state(where, x, B, n_a, dtype):
     shape, dt = shape_dtype(where, x)
     if shape != (B, n_a):
         raise ValueError(f"{where} has shape {shape}, expected (B, n_a) = ({B}, {n_a}) "
-                         f"from xs (T, {B}, n_x) and the params' n_a={n_a}")
+                         f"from xs's batch size B={B} and the params' n_a={n_a}")
     _float(where, dt)
     if dt != dtype:
         raise TypeError(f"{where} is {dt} but the params are {dtype}; cast one of them")
 
 
+def static(name, x, kind):
+    """A TypeError if ``x`` is traced: options that shape the program are static under jit."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"{name} must be a Python {kind}, static under jit, got a traced value: "
+                        f"mark it static, e.g. jax.jit(f, static_argnames=('{name}',))")
+
+
 def flag(name, x):
     """A static bool option (``reverse``, ``time_major``), or a TypeError."""
-    if isinstance(x, jax.core.Tracer):
-        raise TypeError(f"{name} must be a Python bool, static under jit, got a traced value: "
-                        f"mark it static, e.g. jax.jit(f, static_argnames=('{name}',))")
+    static(name, x, "bool")
     if not (isinstance(x, (bool, np.bool_)) or (
             hasattr(x, "dtype") and np.shape(x) == () and np.dtype(x.dtype) == np.bool_)):
         raise TypeError(f"{name} must be a bool, got {x!r}")
@@ -180,7 +185,9 @@ def sizes(**named):
 
 
 def positive_int(name, k, accepted=""):
-    """A positive Python or NumPy int (not a bool) as an int, or a ValueError."""
+    """A positive Python or NumPy int (not a bool) as an int, or a ValueError (a
+    TypeError if traced)."""
+    static(name, k, "int")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"{name} must be a positive int{accepted}, got {k!r}")
     return int(k)

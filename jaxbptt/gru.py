@@ -251,7 +251,8 @@ def gru(params: GRUParams, xs, a0=None, *, backward: str = "bptt", variant=None,
 
     Args:
       params: a `GRUParams`.
-      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``).
+      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``), of the
+        params' float dtype, as the initial state must be (no promotion).
       a0: initial hidden state (B, n_a); ``None`` for zeros.
       backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
         ``"autodiff"`` for JAX's own derivative of the same forward.

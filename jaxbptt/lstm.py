@@ -194,7 +194,8 @@ def lstm(params: LSTMParams, xs, state0=None, *, backward: str = "bptt", lengths
 
     Args:
       params: an `LSTMParams`.
-      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``).
+      xs: inputs, (T, B, n_x) (or (B, T, n_x) with ``time_major=False``), of the
+        params' float dtype, as the initial state must be (no promotion).
       state0: initial `LSTMState` (a0, c0), each (B, n_a); ``None`` for zeros.
       backward: ``"bptt"`` for the hand-derived reverse scan (custom_vjp) or
         ``"autodiff"`` for JAX's own derivative of the same forward.

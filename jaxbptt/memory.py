@@ -117,7 +117,8 @@ def _slot_plans(T, fp, budget):
 
 
 def check_budget(budget):
-    """A memory budget as an int of bytes, or a ValueError."""
+    """A memory budget as an int of bytes, or a ValueError (a TypeError if traced)."""
+    _checks.static("residuals", budget, "int")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
         raise ValueError(f"a memory budget must be a positive int of bytes, got {budget!r}")
     return int(budget)

@@ -51,6 +51,26 @@ def test_initial_state_shape(cell):
     _raises(ValueError, ["a0", "(5,)"], fn, params, xs, jnp.zeros((5,)))
 
 
+def test_initial_state_shape_batch_major():
+    # The batch size is named as such, not placed in a time-major shape.
+    fn, params, xs, _ = make("rnn", 4, 2, 3, 5)
+    _raises(ValueError, ["a0 has shape (4, 5)", "batch size B=2"], fn, params,
+            jnp.swapaxes(xs, 0, 1), jnp.zeros((4, 5)), time_major=False)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("reverse", True), ("time_major", True), ("truncate", 3), ("chunk", 4),
+    ("residuals", 10**6), ("slots", 2)])
+def test_traced_static_options(option, value):
+    # Options that shape the program must be static under jit: the error says how.
+    fn, params, xs, state0 = make("lstm", 8, 2, 3, 5)
+    extra = dict(residuals="checkpoint") if option == "slots" else {}
+    traced = jax.jit(lambda v: fn(params, xs, state0, **extra, **{option: v}))
+    with pytest.raises(TypeError, match=re.escape(f"static_argnames=('{option}',)")):
+        traced(value)
+    jax.jit(lambda: fn(params, xs, state0, **extra, **{option: value}))()  # static: runs
+
+
 def test_lstm_state_shape_and_type():
     fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
     bad = jb.LSTMState(state0.a, jnp.zeros((2, 6)))
