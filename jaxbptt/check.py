@@ -36,7 +36,8 @@ class Result:
 
     @property
     def worst(self) -> float:
-        return max(self.errors.values())
+        """The largest error; NaN if any is (Python's max would pass it over)."""
+        return float(np.max(list(self.errors.values())))
 
     @property
     def ok(self) -> bool:
