@@ -3,6 +3,9 @@
 Arrays are drawn with NumPy (no JAX compilation), then handed to JAX.
 """
 
+import contextlib
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +98,19 @@ def rel_err(a, b):
             return float("inf")  # max() would drop a NaN)
         worst = max(worst, err / scale if scale > 0 else err)
     return worst
+
+
+@contextlib.contextmanager
+def broken_backward(monkeypatch, cell, change):
+    """Within it, the hand-derived step backward of ``cell`` ("rnn" or "lstm") returns
+    ``change(d_prev, dz)`` of what it returned (JAX's caches cleared on entry and exit)."""
+    module = importlib.import_module(f"jaxbptt.{cell}")  # (jaxbptt.lstm is the function)
+    cls = getattr(module, f"_{cell.upper()}Cell")
+    good = cls.step_bwd
+    monkeypatch.setattr(cls, "step_bwd", staticmethod(lambda *args: change(*good(*args))))
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()

@@ -1,13 +1,12 @@
 """`jaxbptt.check`, the `jaxbptt check` command's comparison: it notices small errors."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxbptt import check
 from jaxbptt.lstm import LSTMState, lstm
+from cells import broken_backward
 
 
 def _result(errors):
@@ -40,22 +39,10 @@ def test_the_problem_has_no_zero_parameter_or_state():
 
 
 def test_a_gradient_off_by_1e_9_fails(monkeypatch):
-    rnn = importlib.import_module("jaxbptt.rnn")  # (jaxbptt.rnn is the function)
-    good = rnn._RNNCell.step_bwd
-
-    def off(*args):
-        da_prev, dz = good(*args)
-        return da_prev, dz * (1 + 1e-9)
-
     cpu = jax.devices("cpu")[0]
     assert check.check_one("rnn", "tanh", "float64", cpu).ok
-    monkeypatch.setattr(rnn._RNNCell, "step_bwd", staticmethod(off))
-    jax.clear_caches()
-    try:
+    with broken_backward(monkeypatch, "rnn", lambda da, dz: (da, dz * (1 + 1e-9))):
         result = check.check_one("rnn", "tanh", "float64", cpu)
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
     assert not result.ok and 1e-10 < result.worst < 1e-8, result.errors
 
 
@@ -74,19 +61,7 @@ def test_the_final_cell_state_is_checked():
 
 def test_errors_are_named_after_their_gradients(monkeypatch):
     # The LSTM's c0 error is c0's: with dc carried through Γf dropped, bptt's dc0 is zero.
-    lstm_module = importlib.import_module("jaxbptt.lstm")
-    good = lstm_module._LSTMCell.step_bwd
-
-    def broken(*args):
-        ds_prev, dz = good(*args)
-        return ds_prev._replace(c=0 * ds_prev.c), dz
-
-    monkeypatch.setattr(lstm_module._LSTMCell, "step_bwd", staticmethod(broken))
-    jax.clear_caches()
-    try:
+    with broken_backward(monkeypatch, "lstm", lambda ds, dz: (ds._replace(c=0 * ds.c), dz)):
         errors = check.check_one("lstm", "course", "float64", jax.devices("cpu")[0]).errors
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
     assert list(errors)[-3:] == ["xs", "a0", "c0"] and list(errors)[0] == "LSTMParams.Wf"
     assert errors["c0"] == 1.0 and errors["a0"] < 1.0, errors

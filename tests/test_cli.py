@@ -1,15 +1,14 @@
 """The `jaxbptt` command line: `check` compares every cell on every backend."""
 
 import dataclasses
-import importlib
 import json
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from jaxbptt import check, cli, tasks, train
+from cells import broken_backward
 
 
 def test_check_passes_and_names_every_cell(capsys):
@@ -26,21 +25,8 @@ def test_check_passes_and_names_every_cell(capsys):
 def test_check_fails_on_a_wrong_gradient(monkeypatch, capsys):
     # Break the LSTM's hand-derived backward (drop the dc carried through Γf):
     # `check` must notice and exit non-zero.
-    lstm = importlib.import_module("jaxbptt.lstm")  # (jaxbptt.lstm is the function)
-
-    good = lstm._LSTMCell.step_bwd
-
-    def broken(*args):
-        ds_prev, dz = good(*args)
-        return ds_prev._replace(c=0 * ds_prev.c), dz
-
-    monkeypatch.setattr(lstm._LSTMCell, "step_bwd", staticmethod(broken))
-    jax.clear_caches()
-    try:
+    with broken_backward(monkeypatch, "lstm", lambda ds, dz: (ds._replace(c=0 * ds.c), dz)):
         assert cli.main(["check", "--cell", "lstm"]) == 1
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
     out = capsys.readouterr().out
     assert "FAIL" in out and "FAILED: lstm" in out
 
