@@ -62,9 +62,20 @@ _N_GATES = {"RNN_TANH": 1, "LSTM": 4, "GRU": 3}
 _SUFFIXES = ("", "_reverse")
 
 
+def _require(name, where, install):
+    """The module ``name``, or an ImportError saying how to install it."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"{where} needs {name.split('.')[0]}: {install}") from e
+
+
 def _torch_arch(module, where):
     """(mode, num_layers, D, input_size, hidden_size, bias, torch dtype), or a clear error."""
-    import torch
+    torch = _require("torch", where, "pip install torch==2.13.0 (its CPU build; see the "
+                     "README's Install)")
 
     if not isinstance(module, torch.nn.RNNBase):
         hint = ""
@@ -279,9 +290,9 @@ def to_torch(layers, module):
       ValueError: the architectures differ (number of layers, directions,
         shapes, a 'course' GRU), or nonzero biases for a ``bias=False`` module.
     """
-    import torch
-
     mode, L, D, n_x, n_a, bias, dtype = _torch_arch(module, "to_torch")
+    import torch  # (_torch_arch has found it)
+
     _check_layers(layers, mode, L, D, n_x, n_a)
     np_dtype = _np_dtype(dtype)
     updates = {}
@@ -333,7 +344,7 @@ def _flax_cell(cell, where):
             raise ValueError(f"{where}: cell must be a flax.linen cell or one of {_FLAX_KINDS}, "
                              f"got {cell!r}")
         return cell, False, None
-    import flax.linen as nn
+    nn = _require("flax.linen", where, "pip install 'jaxbptt[interop]'")
 
     if isinstance(cell, nn.RNN):
         cell = cell.cell

@@ -107,7 +107,8 @@ def test_sample_max_len(tmp_path, capsys):
                            capsys)
     names = out.out.splitlines()
     assert code == 0 and len(names) == 30
-    assert all(len(n.removesuffix("…")) <= 3 and "…" not in n.removesuffix("…") for n in names)
+    stems = [n.removesuffix("…") for n in names]
+    assert all(len(stem) <= 3 and "…" not in stem for stem in stems), names
     assert any(n.endswith("…") and len(n) == 4 for n in names), names
 
 

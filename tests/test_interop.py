@@ -354,6 +354,17 @@ def test_from_torch_copies_and_keeps_dtype(torch):
 
 # --- errors ---
 
+def test_without_torch_or_flax_the_error_says_what_to_install(monkeypatch):
+    for name in ("torch", "flax", "flax.linen"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(ImportError, match=r"from_torch needs torch: pip install torch==2.13.0"):
+        interop.from_torch(object())
+    with pytest.raises(ImportError, match=r"to_torch needs torch: pip install torch==2.13.0"):
+        interop.to_torch((), object())
+    with pytest.raises(ImportError, match=r"from_flax needs flax: .*'jaxbptt\[interop\]'"):
+        interop.from_flax({}, object())
+
+
 @pytest.mark.parametrize("fn", ["from_torch", "to_torch"])
 def test_unsupported_torch_modules(torch, fn):
     def call(module):
