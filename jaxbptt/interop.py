@@ -41,6 +41,7 @@ imports without either.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 import jax
@@ -64,8 +65,6 @@ _SUFFIXES = ("", "_reverse")
 
 def _require(name, where, install):
     """The module ``name``, or an ImportError saying how to install it."""
-    import importlib  # noqa: PLC0415
-
     try:
         return importlib.import_module(name)
     except ImportError as e:
