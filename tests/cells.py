@@ -27,6 +27,13 @@ def sweep(options, in_ci=("lstm", "gru-cudnn")):
             for cell in CELLS for name in options]
 
 
+def cells(slow=("gru-course",)):
+    """CELLS for ``pytest.mark.parametrize("cell")``, those in ``slow`` marked slow: for
+    driver options that no cell handles on its own (the course GRU differs from the cuDNN
+    form in its step only)."""
+    return [pytest.param(c, marks=pytest.mark.slow) if c in slow else c for c in CELLS]
+
+
 def params(cell, n_x, n_a, dtype=np.float64, seed=0):
     """Random params of every field (biases too), scaled to keep the gates unsaturated."""
     rng = np.random.default_rng(seed)
