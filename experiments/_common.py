@@ -17,7 +17,15 @@ def machine():
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.default_backend()}
+            "jax": jax.__version__, "backend": jax.default_backend(), "env": timing_env()}
+
+
+def timing_env():
+    """The environment variables set that change timings: glibc's allocator (``MALLOC_*``,
+    which decides whether a large buffer is mapped afresh on every call), XLA's and the
+    thread counts'."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 def add_out(parser):

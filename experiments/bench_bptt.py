@@ -44,8 +44,11 @@ pause after each call: its spinning OpenMP threads would slow whatever follows);
 Ratios: of the medians (x_autodiff, x_scan, x_torch), and paired (x_*_paired, also against
 torch-aten): the median over the rounds of the two times of the same round, with its quartiles.
 "faulted" is the median memory the kernel mapped and zeroed during a call (minor page faults
-times the page size): a temp buffer above 32 MiB was mapped afresh on every call on the machine
-of RESULTS.md, smaller ones were reused (experiments/cpu_limits.py measures it).
+times the page size): under glibc's default malloc settings a temp buffer of 32 MiB or more is
+mapped afresh on every call, smaller ones are reused. Started with glibc told to keep what it
+frees (MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184), no call
+faults, and every JAX variant with a large temp buffer runs faster, autodiff most of all
+(experiments/cpu_limits.py measures the faults; the JSON records the MALLOC_* settings).
 A 2048^3 float32 matmul under jit, timed at the start and at the end, gives the GEMM peak;
 the model FLOP rate is 3 * 2*T*B*(n_x+n_a)*G*n_a / time (G = 4 LSTM, 3 GRU, 1 RNN).
 A sweep over T (LSTM, B=32, n_x=64, n_a=128) gives temp memory (compile only) and time, with
@@ -551,7 +554,7 @@ def print_sweep(rows, Ts, B, n_x, n_a):
                 print(f"  {name:<{width - 2}}" + line)
 
 
-def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend):
+def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend, env=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -591,8 +594,9 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend):
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.86, 0.5),
                fontsize=9)
+    malloc = " ".join(f"{k}={v}" for k, v in (env or {}).items() if k.startswith("MALLOC_"))
     fig.suptitle(f"LSTM gradient (params, xs, a0, c0), B={B}, n_x={n_x}, n_a={n_a}, float32, "
-                 f"{backend.upper()}")
+                 f"{backend.upper()}" + (f"\n{malloc}" if malloc else ""))
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -635,7 +639,7 @@ def main():
         png = os.path.join(os.path.dirname(os.path.abspath(args.plot)),
                            f"bench_memory_vs_T{'_quick' if run['quick'] else ''}.png")
         png = plot_sweep(sw["rows"], sw["T"], sw["B"], sw["n_x"], sw["n_a"], png, run["runs"],
-                         run["machine"]["backend"])
+                         run["machine"]["backend"], run["machine"].get("env"))
         print(f"wrote {png}")
         return
 
@@ -673,6 +677,8 @@ def main():
           + ", ".join(f"{k} {v}" for k, v in vers.items()))
     print(f"torch threads: {torch_threads}; residual policies: {policies}; runs {runs}, "
           f"warm-up {args.warmup}; load average {load0[0]:.1f}", flush=True)
+    if mach["env"]:
+        print("environment: " + " ".join(f"{k}={v}" for k, v in mach["env"].items()), flush=True)
     if load0[0] > 0.5 * (os.cpu_count() or 1):
         notes.add(f"machine busy at the start (load average {load0[0]:.1f} on {os.cpu_count()} "
                   "cores): timings are noisy, PyTorch's multi-threaded CPU kernels most of all")
@@ -726,7 +732,7 @@ def main():
     if sweep_rows:
         png = plot_sweep(sweep_rows, sweep_Ts, sB, sx, sa,
                          os.path.join(args.out, f"bench_memory_vs_T{suffix}.png"), runs,
-                         jax.default_backend())
+                         jax.default_backend(), mach["env"])
     if notes.items:
         print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes.items))
     load1 = os.getloadavg()

@@ -11,8 +11,10 @@ pinned to one CPU with ``os.sched_setaffinity``), float32, median of ``--runs``:
            And in one body of an outer scan, a chunk's loop beside an independent product
            (the previous chunk's weight gradient), and two independent products.
 3. faults  the minor page faults of one call of a jitted function whose temp buffer is
-           16, 32 + 1 or 64 MiB, and the cost of one fault on freshly mapped memory: is a
-           call's temp buffer reused from call to call, or mapped and zeroed afresh?
+           16, 32 + 1, 64 or 128 MiB, and the cost of one fault on freshly mapped memory: is a
+           call's temp buffer reused from call to call, or mapped and zeroed afresh? Then the
+           same in child processes with glibc's allocator told to keep what it frees
+           (``MALLOC_*`` environment variables, KEEP_FREED below), one setting at a time.
 4. slices  a loop body of one elementwise op reading the step's row of a scanned
            (K, B, 4 n_a) array (as the LSTM's backward read its gates): one column slice
            of it, two or three, against three whole (K, B, n_a) arrays. What does it cost
@@ -41,6 +43,15 @@ from jax import lax
 
 MiB = 2**20
 STEPS = 200
+TEMPS_MIB = (16, 33, 64, 128)
+# glibc's malloc serves a request of 32 MiB or more (its largest mmap threshold) with a fresh
+# mapping and unmaps it on free, so each call's temp buffer is faulted in anew. Without mmap
+# (MMAP_MAX 0) and trimming, freed memory stays with the process, but an allocation from a
+# thread's own arena (XLA runs the call on a worker thread) larger than one arena heap (64 MiB)
+# is mapped anyway: one arena (ARENA_MAX 1, the main heap) is needed as well.
+KEEP_FREED = (("MALLOC_MMAP_MAX_=0", "MALLOC_TRIM_THRESHOLD_=17179869184"),
+              ("MALLOC_ARENA_MAX=1",),
+              ("MALLOC_ARENA_MAX=1", "MALLOC_MMAP_MAX_=0", "MALLOC_TRIM_THRESHOLD_=17179869184"))
 
 
 def median_s(f, runs):
@@ -152,6 +163,14 @@ def faults_per_call(temp_mib):
     return temp, statistics.median(counts)
 
 
+def faults_by_size():
+    """``(temp bytes, faults)`` per size of TEMPS_MIB, after a first pass over the sizes (the
+    first calls of a process fault at any size, before the allocator has settled)."""
+    for mib in TEMPS_MIB:
+        faults_per_call(mib)
+    return [faults_per_call(mib) for mib in TEMPS_MIB]
+
+
 def fault_cost_us(mib=128, repeats=5):
     """Microseconds per minor fault: first touch of a fresh anonymous mapping, less a rewrite."""
     out = []
@@ -177,7 +196,11 @@ def main():
     ap.add_argument("--runs", type=int, default=15, help="timed calls per measurement (default 15)")
     add_out(ap)
     ap.add_argument("--pinned-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--faults-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.faults_child:  # started by the parent with some MALLOC_* settings
+        print(json.dumps([n for _, n in faults_by_size()]))
+        return
     shapes = [(32, 128), (32, 256), (64, 512)]
     if args.pinned_child:  # pinned to one CPU by the parent before JAX started
         print(json.dumps([step_product_us(B, n_a, args.runs) for B, n_a in shapes]))
@@ -211,12 +234,22 @@ def main():
           f"× their sum; two products {side['two products'] / side['product']:.2f}× one")
 
     print("\n3. page faults of one call, by temp buffer size")
+    page = resource.getpagesize()
+    kept = {}
+    for settings in KEEP_FREED:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(kv.split("=", 1) for kv in settings)
+        child = subprocess.run([sys.executable, __file__, "--faults-child"], env=env,
+                               capture_output=True, text=True, check=True)
+        kept[" ".join(settings)] = json.loads(child.stdout.strip().splitlines()[-1])
     faults = []
-    for mib in (16, 33, 64):
-        temp, n = faults_per_call(mib)
-        page = resource.getpagesize()
-        faults.append({"temp_mib": temp / MiB, "faults": n, "faulted_mib": n * page / MiB})
+    for i, (temp, n) in enumerate(faults_by_size()):
+        faults.append({"temp_mib": temp / MiB, "faults": n, "faulted_mib": n * page / MiB,
+                       "faulted_mib_with": {k: v[i] * page / MiB for k, v in kept.items()}})
         print(f"  temp {temp / MiB:6.1f} MiB: {n:>7.0f} faults ({n * page / MiB:.1f} MiB)")
+    print("  faulted MiB per call in a process started with")
+    for k, v in kept.items():
+        print(f"    {k}: " + ", ".join(f"{n * page / MiB:.1f}" for n in v))
     cost, page = fault_cost_us()
     print(f"  one fault on fresh memory: {cost:.2f} µs per {page // 1024} KiB page "
           f"({cost * MiB / page / 1e3:.2f} ms per MiB)")
