@@ -44,11 +44,11 @@ from jax import lax
 MiB = 2**20
 STEPS = 200
 TEMPS_MIB = (16, 33, 64, 128)
-# glibc's malloc serves a request of 32 MiB or more (its largest mmap threshold) with a fresh
-# mapping and unmaps it on free, so each call's temp buffer is faulted in anew. Without mmap
-# (MMAP_MAX 0) and trimming, freed memory stays with the process, but an allocation from a
-# thread's own arena (XLA runs the call on a worker thread) larger than one arena heap (64 MiB)
-# is mapped anyway: one arena (ARENA_MAX 1, the main heap) is needed as well.
+# glibc's malloc serves a request of 32 MiB or more (the most its dynamic mmap threshold rises
+# to) with a fresh mapping and unmaps it on free, so each call's temp buffer is faulted in anew.
+# Without mmap (MMAP_MAX 0) and trimming, freed memory stays with the process up to 64 MiB; the
+# counts fit an allocation from a worker thread's own arena, whose heaps hold at most 64 MiB and
+# which maps a larger request anyway: one arena (ARENA_MAX 1, the main heap) stops that too.
 KEEP_FREED = (("MALLOC_MMAP_MAX_=0", "MALLOC_TRIM_THRESHOLD_=17179869184"),
               ("MALLOC_ARENA_MAX=1",),
               ("MALLOC_ARENA_MAX=1", "MALLOC_MMAP_MAX_=0", "MALLOC_TRIM_THRESHOLD_=17179869184"))
