@@ -9,7 +9,8 @@ What is tested:
 2. The course notebook's published expected values (seed-1 test cases),
    at the printed precision, and the shapes.
 3. The well-known trap: an lstm_backward that never carries da_prevt / dc_prevt
-   (reproducing the old v3 notebook values) must disagree with ng.lstm_backward,
+   (reproducing the old v3 notebook's printed dx, da0 and dWf; its dbi, dbc and dbo
+   match neither that nor the correct BPTT) must disagree with ng.lstm_backward,
    while ng.lstm_backward / ng.rnn_backward agree with ``jax.grad`` of the core
    (`jaxbptt.lstm` / `jaxbptt.rnn`, ``backward="autodiff"``) and with central
    finite differences of the NumPy forward.
