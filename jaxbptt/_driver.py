@@ -186,6 +186,23 @@ def _row_axes(x):
                  for axis in (entry if isinstance(entry, tuple) else (entry,)))
 
 
+def _as_rows_of(xs, state):
+    """On a mesh with Explicit axes, ``state``'s (B, ...) leaves as the scan's carry must
+    be laid out to run with xs (T, B, n_x): sharded as xs's batch axis, their other axes
+    replicated (a no-op elsewhere, and for leaves already so)."""
+    spec = tuple(getattr(jax.typeof(xs).sharding, "spec", ()))
+    rows = spec[1] if len(spec) > 1 else None
+
+    def lay_out(s):
+        have = jax.typeof(s).sharding
+        entries = tuple(getattr(have, "spec", ()))
+        if entries[:1] in ((), (rows,)) and all(e is None for e in entries[1:]):
+            return s
+        mesh = (jax.typeof(xs).sharding if rows is not None else have).mesh
+        return jax.reshard(s, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows)))
+    return jax.tree.map(lay_out, state)
+
+
 def _on_mesh_of(like, unreduced=()):
     """A sharding on ``like``'s mesh: replicated, or unreduced over the axes ``unreduced``."""
     spec = jax.sharding.PartitionSpec(unreduced=set(unreduced))
@@ -233,7 +250,7 @@ def _match_vma(cotangents, primals):
     return jax.tree.map(fix, cotangents, primals)
 
 
-def _varying_like(tree, like):
+def varying_like(tree, like):
     """``tree`` cast to vary over every shard_map axis a leaf of ``like`` varies over
     (no-op outside shard_map): a loop's carry, which its updates make vary so."""
     axes = frozenset().union(*(_vma(x) for x in jax.tree.leaves(like)))
@@ -554,13 +571,13 @@ def backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths=None, opts=
     f = cell.fuse(params)
     segments = _Layout.segments(xs, lengths, opts)
     deps = (f, xs, dhs, dcarry_T, carry0, saved)  # what the chunks' gradients vary with
-    df = _varying_like(_accumulator(f), deps)
+    df = varying_like(_accumulator(f), deps)
     rows = _row_axes(xs)  # sharded rows: each device sums its own, reduced once at the end
     if rows:
         df = _batched_like(df, (*deps, lengths))
         df = jax.tree.map(lambda z: jax.reshard(z, _on_mesh_of(xs, rows)), df)
-    acc, dstates = (_varying_like(dcarry_T, deps), df), [None] * len(segments)
-    dxs = _varying_like(jnp.zeros_like(xs), deps) if len(segments) > 1 else None
+    acc, dstates = (varying_like(dcarry_T, deps), df), [None] * len(segments)
+    dxs = varying_like(jnp.zeros_like(xs), deps) if len(segments) > 1 else None
     for j in (range(len(segments)) if opts.reverse else reversed(range(len(segments)))):
         entry = carry0 if saved[j].entry is None else saved[j].entry
         acc, dxs, dstates[j] = _backward_segment(cell, f, segments[j], xs, entry, saved[j],
@@ -754,11 +771,19 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
         else:
             residuals, chunk, _, slots = memory.plan(
                 T, memory.footprint(cell, params, B, n_x, n_a, dtype), residuals, cell_chunk)
+    spec = tuple(getattr(jax.typeof(xs).sharding, "spec", ()))
+    if any(e is not None for e in spec[2:]):
+        # On an Explicit mesh only the rows of xs may be sharded: a sharded feature axis
+        # is gathered here (and its gradient sharded back by JAX).
+        xs = jax.reshard(xs, jax.sharding.NamedSharding(
+            jax.typeof(xs).sharding.mesh, jax.sharding.PartitionSpec(*spec[:2])))
     if state0 is None:  # zeros laid out like xs's rows (sharding, shard_map axes)
-        rows = jnp.zeros_like(xs[0, :, :1])
-        state0 = jax.tree.map(lambda z: jnp.broadcast_to(rows, z.shape),
-                              cell.zero_state(B, n_a, dtype))
+        state0 = cell.zero_state(B, n_a, dtype)
+        if not _row_axes(xs):
+            like = jnp.zeros_like(xs[0, :, :1])
+            state0 = jax.tree.map(lambda z: jnp.broadcast_to(like, z.shape), state0)
     cell.check_state(state0, B, n_a, dtype)
+    state0 = _as_rows_of(xs, state0)
     lengths = _checks.lengths(lengths, B, T)
     chunk, levels = _checks.chunk(chunk, residuals), ()
     slots = _checks.slots(slots, residuals, chunk)
@@ -770,10 +795,13 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
                    levels, slots, cell_chunk)
     if probe is not None:
         _checks.probe(probe, state0, T)
-    state0 = _varying_like(state0, (xs, params, lengths, probe))  # in shard_map, as the carry
+    # In shard_map, the carry varies as the data does, and so does the probe, which the
+    # carry's gradient becomes: an invariant one is cast, its gradient summed by JAX.
+    state0, probe = varying_like((state0, probe), (xs, params, lengths, state0, probe))
     if backward == "bptt":
         hs, state_T = _bptt(cell, opts, params, xs, state0, lengths, probe)
     else:
         hs, state_T, _ = forward(cell, params, xs, state0, lengths, opts, probe,
                                  keep_residuals=False)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), state_T
+

@@ -116,6 +116,9 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
         [0, n_y) (e.g. -1 for padding) counts for nothing, loss and gradient.
       weights: optional per-position weights (e.g. a padding mask), shape
         ``hs.shape[:-1]``, same dtype as hs; divide by ``weights.sum()`` for a mean.
+        A weight of 0 does not hide a NaN or inf in hs (0 · NaN is NaN, and the
+        gradient with respect to the weights is the loss there); give such positions
+        a label outside [0, n_y), which does.
       backward: ``"bptt"`` for the hand-written gradient ŷ - y, ``"autodiff"``
         for JAX's.
 
@@ -140,6 +143,9 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
                          f"got {tuple(weights.shape)}")
     if weights.dtype != hs.dtype:
         raise TypeError(f"weights must have hs's dtype {hs.dtype}, got {weights.dtype}")
-    if backward == "bptt":
+    if backward == "bptt":  # in shard_map, all cast to vary as the data does: JAX then
+        # sums an invariant argument's gradient over the axes (the transpose of the cast)
+        params, hs, weights = _driver.varying_like((params, hs, weights),
+                                                   (params, hs, labels, weights))
         return _xent(params, hs, labels, weights)
     return _total(weights * _nll(params, hs, labels)[0])

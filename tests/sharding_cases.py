@@ -419,6 +419,92 @@ def explicit_mesh(cases):
     return rows
 
 
+def other_layouts(mesh):
+    """Layouts beyond the batch split, each gradient (bptt) against one device.
+
+    In shard_map: the output layer's loss with replicated (invariant) params, and an
+    invariant probe (zeros made in the per-device function). On jax.make_mesh's mesh
+    (Explicit axes): a replicated initial state, jb.stack's own zeros under set_mesh,
+    xs sharded on its feature axis and a state sharded on its hidden axis (each
+    resharded as the scan needs: the batch rows sharded, the rest replicated).
+    """
+    n = mesh.size
+    explicit = jax.make_mesh((n,), ("batch",))
+    fn, params, xs, s0 = make("lstm", T, B, N_X, N_A)
+    w = _rng_like(jax.ShapeDtypeStruct((T, B, N_A), xs.dtype), 11)
+    out = jb.OutputParams(*_rng_like((jnp.ones((4, N_A)), jnp.ones((4,))), 12))
+    labels = jnp.asarray(np.random.default_rng(13).integers(0, 4, (T, B)))
+
+    def loss(p, xs, s0, w, **kw):
+        hs, final = fn(p, xs, s0, **kw)
+        return jnp.sum(hs * w) + jnp.sum(final.c * w[0])
+
+    def grad(f, argnums):
+        return jax.jit(jax.grad(f, argnums=argnums))
+
+    def xent_local(o, hs, labels):
+        return jax.grad(lambda o: jb.cross_entropy(o, hs, labels))(o)
+
+    def probe_local(p, xs, s0, w):
+        probe = jax.tree.map(lambda a: jnp.zeros((T,) + a.shape, a.dtype), s0)
+        return jax.grad(lambda p: loss(p, xs, s0, w, probe=probe))(p)
+
+    hs = _rng_like(jax.ShapeDtypeStruct((T, B, N_A), xs.dtype), 14)
+    sm = lambda f, specs, out_spec: jax.jit(jax.shard_map(  # noqa: E731
+        f, mesh=mesh, in_specs=specs, out_specs=out_spec))
+    wide_fn, wide_p, wide_xs, wide_s0 = make("lstm", T, B, 2 * n, 2 * n)  # n_x, n_a split n ways
+
+    def wide_loss(p, xs, s0):
+        return jnp.sum(wide_fn(p, xs, s0)[0] ** 2)
+
+    stack = Problem("stack")
+    state_rows = jax.tree.map(lambda _: ROWS, s0)
+    cases = {  # name: (function, arguments, their specs, mesh, one-device reference)
+        "shard_map: cross_entropy, invariant params": (
+            sm(xent_local, (P(), BATCH, P(None, "batch")), P()), (out, hs, labels),
+            (P(), BATCH, P(None, "batch")), mesh,
+            jax.grad(lambda o, h, y: jb.cross_entropy(o, h, y, backward="autodiff"))),
+        "shard_map: invariant probe": (
+            sm(probe_local, (P(), BATCH, state_rows, BATCH), P()), (params, xs, s0, w),
+            (P(), BATCH, state_rows, BATCH), mesh,
+            jax.grad(lambda p, xs, s0, w: loss(p, xs, s0, w, backward="autodiff"))),
+        "explicit: replicated initial state": (
+            grad(loss, (0, 1, 2)), (params, xs, s0, w), (P(), BATCH, P(), BATCH), explicit,
+            None),
+        "explicit: xs sharded on n_x": (
+            grad(wide_loss, (0, 1, 2)), (wide_p, wide_xs, wide_s0),
+            (P(), P(None, None, "batch"), P()), explicit, None),
+        "explicit: state sharded on n_a": (
+            grad(wide_loss, (0, 1, 2)), (wide_p, wide_xs, wide_s0),
+            (P(), P(), P(None, "batch")), explicit, None),
+    }
+    rows = []
+    for name, (f, args, specs, on, ref) in cases.items():
+        row = {"case": name, "error": None, "grad_rel_err": None}
+        try:
+            got = f(*put(args, specs, on))
+        except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        else:
+            row["grad_rel_err"] = rel_err(got, jax.jit(ref or f)(*on_one_device(args)))
+        rows.append(row)
+    row = {"case": "explicit, set_mesh: jb.stack(init=None)", "error": None, "grad_rel_err": None}
+
+    def stack_loss(p, xs, lengths):
+        return jnp.sum(jb.stack(p, xs, lengths=lengths)[0] * stack.w_hs)
+    stack_grad = grad(stack_loss, (0, 1))
+    args = (stack.params, stack.xs, stack.lengths)
+    try:
+        with jax.set_mesh(explicit):
+            got = stack_grad(*put(args, (jax.tree.map(lambda _: P(), stack.params), BATCH,
+                                         P("batch")), explicit))
+    except Exception as e:  # noqa: BLE001 -- reported, asserted on by the test
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    else:
+        row["grad_rel_err"] = rel_err(got, stack_grad(*on_one_device(args)))
+    return rows + [row]
+
+
 def vmap_sweeps(mesh, names):
     """Check 4: vmap over ENSEMBLE parameter sets vs a Python loop; then with the batch sharded.
 
@@ -489,6 +575,7 @@ def report(n_dev):
             ("lstm", "zeros", "bptt"), ("stack", "None", "bptt"))),
         "shard_map_ensemble": shard_map_ensemble(mesh, ("rnn", "lstm", "gru-cudnn")),
         "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
+        "other_layouts": other_layouts(mesh),
         "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
                                         ("gru-course", "bptt"), ("lstm:slots", "bptt"),
                                         ("stack", "bptt"))),

@@ -185,6 +185,18 @@ def test_explicit_mesh_bptt_reduces_once_after_the_loop(report):
 
 
 
+def test_other_layouts(report):
+    # In shard_map, the output layer's loss with invariant params and an invariant probe
+    # (their gradients summed over the batch, as JAX's autodiff does); on an Explicit mesh,
+    # initial states and xs laid out otherwise than the batch split, resharded as the
+    # scan needs: the same gradients as on one device.
+    rows = report["other_layouts"]
+    assert len(rows) == 6
+    for r in rows:
+        assert r["error"] is None, (r["case"], r["error"])
+        assert r["grad_rel_err"] < TOL, (r["case"], r["grad_rel_err"])
+
+
 def test_shard_map_ensemble_of_per_device_params(report):
     # One member's params per device, the same inputs and initial state on all: the carry
     # varies with the params, so the initial state is cast to vary so too (without it
