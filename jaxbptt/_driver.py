@@ -743,8 +743,27 @@ def _bptt_bwd(cell, opts, residuals, cotangents):
 _bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
 
-def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse, truncate,
-        time_major, probe=None, residuals="gates", chunk=None, slots=None):
+def run(cell, params, xs, state0, *, lengths=None, probe=None, **options):
+    """Validates the call and runs ``cell``; returns ``(hs, state_T)`` (`_run`).
+
+    An eager call (no tracer in it: arrays, hashable options) runs compiled, once per
+    shapes and options: the loops' bodies are new closures at every call, which
+    ``lax.scan`` would otherwise trace and compile anew each time.
+    """
+    arrays = jax.tree.leaves((params, xs, state0, lengths, probe))
+    eager = all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+                for x in arrays)
+    try:
+        hash(tuple(options.values()))
+    except TypeError:  # (an unhashable option: `_run` names what is wrong with it)
+        eager = False
+    if eager:
+        return _run_compiled(cell, params, xs, state0, lengths, probe, **options)
+    return _run(cell, params, xs, state0, lengths=lengths, probe=probe, **options)
+
+
+def _run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse, truncate,
+         time_major, probe=None, residuals="gates", chunk=None, slots=None):
     """Validates the call and runs ``cell``; returns ``(hs, state_T)``.
 
     ``backward="bptt"``: the custom_vjp above (hand-derived reverse scan);
@@ -805,3 +824,9 @@ def run(cell, params, xs, state0, *, n_x, n_a, dtype, backward, lengths, reverse
                                  keep_residuals=False)
     return (hs if time_major else jnp.swapaxes(hs, 0, 1)), state_T
 
+
+_run_compiled = jax.jit(
+    lambda cell, params, xs, state0, lengths, probe, **options: _run(
+        cell, params, xs, state0, lengths=lengths, probe=probe, **options),
+    static_argnums=0, static_argnames=("n_x", "n_a", "dtype", "backward", "reverse", "truncate",
+                                       "time_major", "residuals", "chunk", "slots"))

@@ -1,0 +1,49 @@
+"""Calls outside jit: compiled once per shapes and options, with the values jit gives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbptt as jb
+from cells import CELLS, make, rel_err
+from jaxbptt import _driver
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eager_calls_compile_once_and_match_jit(cell):
+    # The loops' bodies are new closures at every call: run eagerly through lax.scan they
+    # were traced and compiled anew each time (about 0.5 s per call of the README's stream).
+    fn, params, xs, state0 = make(cell, 7, 3, 2, 4)
+    first = fn(params, xs, state0, reverse=True)  # compiles (once per cell and options)
+    compiled = _driver._run_compiled._cache_size()
+    for scale in (2.0, -1.0, 0.5):
+        got = fn(params, scale * xs, state0, reverse=True)
+        want = jax.jit(lambda p, x, s: fn(p, x, s, reverse=True))(params, scale * xs, state0)
+        assert rel_err(got, want) < 1e-12
+    assert _driver._run_compiled._cache_size() == compiled
+    assert rel_err(first, fn(params, xs, state0, reverse=True)) == 0
+
+
+def test_eager_stream_reuses_one_program():
+    # The README's streaming loop: after the first window (state None) and the second
+    # (a state), every window runs the same compiled program.
+    params = jb.init_rnn(jax.random.PRNGKey(0), 3, 4, jnp.float64)
+    stream = jax.random.normal(jax.random.PRNGKey(1), (60, 2, 3))
+    state = None
+    for i, x in enumerate(jb.split_stream(stream, 10)):
+        hs, state = jb.rnn(params, x, jb.detach(state))
+        if i == 1:
+            compiled = _driver._run_compiled._cache_size()
+    assert _driver._run_compiled._cache_size() == compiled
+    whole, _ = jax.jit(lambda p, x: jb.rnn(p, x))(params, stream)
+    assert rel_err(hs, whole[-10:]) < 1e-12
+
+
+def test_eager_errors_are_the_same():
+    params = jb.init_lstm(jax.random.PRNGKey(0), 3, 4, jnp.float64)
+    xs = np.zeros((5, 2, 6))
+    with pytest.raises(ValueError, match=r"xs has shape \(5, 2, 6\) but the params expect n_x=3"):
+        jb.lstm(params, xs)
+    with pytest.raises(TypeError, match="state0 must be an LSTMState"):
+        jb.lstm(params, xs[..., :3], (np.zeros((2, 4)), np.zeros((2, 4))))
