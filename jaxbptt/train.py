@@ -312,6 +312,13 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         raise checkpoint.NoReadableCheckpoint(f"{e}: move them away to start afresh") from None
     run_config = dataclasses.asdict(config)
     if found is None:
+        # A fresh run writes history.json and loss.png at its end: never over files of the
+        # same names that no checkpoint here accounts for (another run's, the user's own).
+        taken = [f for f in ("history.json", "loss.png") if os.path.lexists(os.path.join(out, f))]
+        if taken:
+            raise checkpoint.CheckpointError(
+                f"{out} holds {' and '.join(taken)} but no checkpoint: a new run would write "
+                "over them; move them away or choose another --out")
         (params, opt_state), start, history = template, 0, []
     else:
         (params, opt_state), manifest = found

@@ -258,6 +258,22 @@ def test_unreadable_checkpoints_are_kept_not_trained_over(tmp_path):
     assert os.path.isdir(os.path.join(ckpt_dir, "ckpt-5"))
 
 
+@pytest.mark.parametrize("names", [("history.json",), ("loss.png",), ("history.json", "loss.png")])
+def test_a_new_run_does_not_write_over_files_it_did_not_make(tmp_path, names):
+    # A fresh run (no checkpoint) in a directory that holds a history.json or loss.png of its
+    # own, e.g. the user's: refused before training, the files untouched.
+    out = tmp_path / "mine"
+    out.mkdir()
+    for n in names:
+        (out / n).write_text(f"the user's {n}")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint: a new run would write"):
+        _train(tmp_path, "mine", task="adding", steps=5)
+    assert set(os.listdir(out)) - {".lock", "checkpoints"} == set(names)
+    for n in names:
+        assert (out / n).read_text() == f"the user's {n}"
+    assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
+
+
 def test_divergence_stops_before_a_non_finite_save(tmp_path):
     # A learning rate that blows the parameters up: the run stops with an error and
     # every checkpoint it left holds finite parameters. Saving every step, the step the
