@@ -318,7 +318,8 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         if taken:
             raise checkpoint.CheckpointError(
                 f"{out} holds {' and '.join(taken)} but no checkpoint: a new run would write "
-                "over them; move them away or choose another --out")
+                f"over {'them' if len(taken) > 1 else 'it'}; move "
+                f"{'them' if len(taken) > 1 else 'it'} away or choose another --out")
         (params, opt_state), start, history = template, 0, []
     else:
         (params, opt_state), manifest = found
