@@ -316,10 +316,10 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         # same names that no checkpoint here accounts for (another run's, the user's own).
         taken = [f for f in ("history.json", "loss.png") if os.path.lexists(os.path.join(out, f))]
         if taken:
+            it = "them" if len(taken) > 1 else "it"
             raise checkpoint.CheckpointError(
                 f"{out} holds {' and '.join(taken)} but no checkpoint: a new run would write "
-                f"over {'them' if len(taken) > 1 else 'it'}; move "
-                f"{'them' if len(taken) > 1 else 'it'} away or choose another --out")
+                f"over {it}; move {it} away or choose another --out")
         (params, opt_state), start, history = template, 0, []
     else:
         (params, opt_state), manifest = found
