@@ -60,6 +60,19 @@ def sha256(path):
     return h.hexdigest()
 
 
+def write_atomically(path, write, mode="w"):
+    """Writes ``path`` whole or not at all: ``write(file)`` to ``path.tmp``, renamed over
+    it (a temporary left by a killed process is written over by the next)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,14 +206,19 @@ def _step(path):
     return int(os.path.basename(path)[len(PREFIX):])
 
 
+def step_of(entry):
+    """The step of a file name that `name` gives, or None for any other name."""
+    digits = entry[len(PREFIX):]
+    return int(digits) if entry.startswith(PREFIX) and digits.isdigit() and (
+        entry == name(int(digits))) else None
+
+
 def list_checkpoints(directory):
     """Checkpoint directories (named as `save` names them), oldest first; other entries
     are ignored."""
     if not os.path.isdir(directory):
         return []
-    paths = [os.path.join(directory, n) for n in os.listdir(directory)
-             if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()
-             and n == name(int(n[len(PREFIX):]))]
+    paths = [os.path.join(directory, n) for n in os.listdir(directory) if step_of(n) is not None]
     return sorted((p for p in paths if os.path.isdir(p)), key=_step)
 
 
@@ -212,6 +230,9 @@ def _read(path, template, validate):
     if ("manifest_sha256" in manifest or "format" in manifest) and (
             _digest(manifest) != manifest.get("manifest_sha256")):
         raise OSError("manifest.json does not match its own checksum")
+    missing = [k for k in ("step", "sha256", "leaves", "meta") if k not in manifest]
+    if missing:
+        raise ValueError(f"manifest.json has no {', '.join(map(repr, missing))}")
     if validate is not None:
         validate(manifest["meta"])
     if callable(template):

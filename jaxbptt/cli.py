@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -88,6 +91,13 @@ def _positive_float(text):
     return value
 
 
+def _directory(text):
+    """An argparse type: a directory path, not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    return text
+
+
 def _writable_dir(parser, path):
     try:
         os.makedirs(path, exist_ok=True)
@@ -127,13 +137,14 @@ def _train(args) -> int:
         train.check_devices(config)  # before --out is made
     except ValueError as e:
         args.parser.error(str(e))
-    out = _writable_dir(args.parser, args.out or os.path.join("runs", f"{args.task}-{args.cell}"))
+    out = _writable_dir(args.parser, args.out if args.out is not None else
+                        os.path.join("runs", f"{args.task}-{args.cell}"))
     try:
         summary = train.train(config, out, progress=not args.quiet,
                               exit_on_second_interrupt=True)
     except (checkpoint.CheckpointError, ValueError) as e:
         args.parser.error(str(e))
-    except FloatingPointError as e:
+    except (FloatingPointError, OSError) as e:  # diverged; a save failed (disk full...)
         print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
         return 1
     if summary["interrupted"]:
@@ -192,9 +203,7 @@ def _sample(args) -> int:
 
 
 def _gradflow(args) -> int:
-    import json
-
-    from jaxbptt import gradflow
+    from jaxbptt import checkpoint, gradflow
 
     out = _writable_dir(args.parser, args.out)
     start = time.perf_counter()
@@ -212,8 +221,7 @@ def _gradflow(args) -> int:
               "training": {c: {"steps": s.tolist(), "norms": n.tolist(), "loss": l.tolist()}
                            for c, (s, n, l) in maps.items()}}
     files = [os.path.join(out, "gradflow.json")]
-    with open(files[0], "w") as f:
-        json.dump(result, f)
+    checkpoint.write_atomically(files[0], lambda f: json.dump(result, f))
     try:
         files.append(gradflow.plot_at_init(init, os.path.join(out, "gradflow_init.png"), args.T,
                                            args.backward))
@@ -279,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=tasks.TASKS, help="charlm: names, character by character "
                    "(the course's Dinosaurus model); adding; copy (copy-memory)")
     p.add_argument("--steps", type=_at_least(1), default=2000, help="total training steps")
-    p.add_argument("--out", help="run directory (default: runs/TASK-CELL)")
+    p.add_argument("--out", type=_directory, help="run directory (default: runs/TASK-CELL)")
     p.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="rnn", help="recurrent cell")
     p.add_argument("--hidden", type=_at_least(1), default=50, help="hidden size n_a")
     p.add_argument("--batch", type=_at_least(1), default=32, help="sequences per step")
@@ -308,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample names from a charlm run",
                        description="Sample names, character by character, from the last "
                        "checkpoint of a 'jaxbptt train charlm' run.", formatter_class=fmt)
-    p.add_argument("--out", required=True, help="the run directory of 'jaxbptt train charlm'")
+    p.add_argument("--out", type=_directory, required=True, help="the run directory of 'jaxbptt train charlm'")
     p.add_argument("--n", type=_at_least(1), default=10, help="how many names")
     p.add_argument("--max-len", type=_at_least(1), default=20, help="longest name")
     p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
@@ -328,7 +336,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt",
                    help="hand-derived BPTT or jax autodiff of the same forward")
     p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
-    p.add_argument("--out", default=os.path.join("runs", "gradflow"), help="output directory")
+    p.add_argument("--out", type=_directory, default=os.path.join("runs", "gradflow"),
+                   help="output directory")
     p.set_defaults(run=_gradflow, parser=p)
     return parser
 
@@ -337,14 +346,41 @@ def _one_line(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    warnings.formatwarning = _one_line  # a user of the CLI needs the message, not our source line
+def _exit_at_once(signum, frame):
+    """Ctrl-C outside a training loop: exit, status 130. Raising KeyboardInterrupt while
+    JAX imports or compiles can crash the process or be lost in a callback; the files the
+    commands write are written whole (a temporary renamed into place) or not at all."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):
+            pass
     try:
+        os.write(2, b"\njaxbptt: interrupted\n")
+    except OSError:
+        pass
+    os._exit(130)
+
+
+@contextlib.contextmanager
+def _ctrl_c_exits():
+    """Within it, SIGINT calls `_exit_at_once` (`jaxbptt.train` installs its own handler
+    around a run, which saves before it stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _exit_at_once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def main(argv=None) -> int:
+    with _ctrl_c_exits():
+        args = _parser().parse_args(argv)
+        warnings.formatwarning = _one_line  # a user of the CLI needs the message, not our line
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"\n{args.parser.prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

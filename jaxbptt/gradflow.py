@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbptt import tasks, train
+from jaxbptt import checkpoint, tasks, train
 from jaxbptt.gru import gru, init_gru
 from jaxbptt.lstm import init_lstm, lstm
 from jaxbptt.rnn import RNNParams, rnn
@@ -150,7 +150,7 @@ def plot_at_init(results, path, T, backward="bptt"):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    checkpoint.write_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
     plt.close(fig)
     return path
 
@@ -174,6 +174,6 @@ def plot_training(maps, path, T):
         fig.colorbar(im, ax=ax, label="log10 mean ‖∂L/∂a⟨t⟩‖")
     fig.suptitle("Gradient flow during training (loss on the last step)")
     fig.tight_layout()
-    fig.savefig(path)
+    checkpoint.write_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
     plt.close(fig)
     return path

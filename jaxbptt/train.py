@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -230,42 +231,58 @@ class Progress:
 
 
 class _Interrupts:
-    """Within it, a first Ctrl-C (SIGINT) only sets ``requested``: the run finishes its
-    step, saves and stops. A second one interrupts at once: KeyboardInterrupt, or with
-    ``exit_at_once`` (the command line) the process exits, status 130."""
+    """Ctrl-C (SIGINT) while a run is in ``train``. A first one only sets ``requested``:
+    the run stops before its first step ("starting"), or finishes its step, saves and
+    stops ("training"), or writes its history.json and loss.png ("finishing"). A second
+    one interrupts at once: KeyboardInterrupt, or with ``exit_at_once`` (the command
+    line) the process exits, status 130; there, a first one before training exits at
+    once too (nothing is written before the first step, and the start-up compiles)."""
 
     def __init__(self, exit_at_once=False):
         self.exit_at_once = exit_at_once
 
     def __enter__(self):
-        self.requested, self._previous = False, None
+        self.requested, self.phase, self._previous = False, "starting", None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and not self.exit_at_once:
+        at_once = self.requested or self.exit_at_once and self.phase == "starting"
+        if at_once and not self.exit_at_once:
             raise KeyboardInterrupt
-        if self.requested:  # (checkpoints are written atomically: none is left half saved)
-            sys.stderr.write("\ninterrupted: the checkpoints saved so far are kept; run the "
-                             "same command to resume\n")
-            sys.stderr.flush()
+        if at_once:  # (checkpoints are written atomically: none is left half saved)
+            _say("\ninterrupted before the first step: nothing was saved\n"
+                 if self.phase == "starting" else "\ninterrupted: the checkpoints saved so "
+                 "far are kept; run the same command to resume\n")
             os._exit(130)  # (raising inside a compile can crash the runtime)
         self.requested = True
-        sys.stderr.write("\ninterrupted: finishing this step and saving it "
-                         "(Ctrl-C again to stop at once)\n")
+        _say("\ninterrupted: " + {
+            "starting": "stopping before the first step",
+            "training": "finishing this step and saving it",
+            "finishing": "writing history.json and loss.png, then stopping",
+        }[self.phase] + " (Ctrl-C again to stop at once)\n")
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _say(message):
+    """Writes to stderr from a signal handler (never raises)."""
+    try:
+        sys.stderr.write(message)
+        sys.stderr.flush()
+    except (OSError, RuntimeError, ValueError):  # a closed pipe, a reentrant write
+        pass
+
+
 def _compatible(meta: dict, config: Config):
     """Refuses a checkpoint of another run; a manifest without this module's metadata
-    (edited by hand?) is unreadable (KeyError), and skipped like a corrupted one."""
+    (edited by hand?) is unreadable (ValueError), and skipped like a corrupted one."""
     for key in ("config", "history"):
         if key not in meta:
-            raise KeyError(f"its metadata has no {key!r}")
+            raise ValueError(f"its metadata has no {key!r}")
     saved = meta["config"]
 
     def same(k, v):
@@ -297,13 +314,40 @@ def train(config: Config, out: str, *, log=print, progress=True,
     task = tasks.get(config.task, config.T)
     check_devices(config)  # before ``out`` is made
     os.makedirs(out, exist_ok=True)
-    with checkpoint.locked(out, wait=False):
-        return _train(config, out, task, log, progress, exit_on_second_interrupt)
+    with checkpoint.locked(out, wait=False), _Interrupts(exit_on_second_interrupt) as interrupt:
+        return _train(config, out, task, log, progress, interrupt)
 
 
-def _train(config, out, task, log, progress, exit_on_second_interrupt):
-    template = init(config, task)
+def _writable(out, ckpt_dir, start):
+    """Raises `checkpoint.CheckpointError` before training when something in ``out``
+    would stop this run from saving its checkpoints, history.json or loss.png."""
+    def refuse(what, saves, fix="move it away"):
+        raise checkpoint.CheckpointError(f"{what}, and this run saves {saves} there: {fix} "
+                                         "or choose another --out")
+
+    if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+        refuse(f"{ckpt_dir} is not a directory", "its checkpoints")
+    for n in ("history.json", "loss.png"):
+        if os.path.isdir(os.path.join(out, n)):
+            refuse(f"{os.path.join(out, n)} is a directory", f"its {n}")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for n in sorted(os.listdir(ckpt_dir)):
+        step, path = checkpoint.step_of(n), os.path.join(ckpt_dir, n)
+        if (step or 0) > start and not os.path.isdir(path):
+            refuse(f"{path} is not a checkpoint directory", f"step {step}'s checkpoint")
+    for d in (out, ckpt_dir):
+        try:
+            with tempfile.TemporaryFile(dir=d):
+                pass
+        except OSError as e:
+            refuse(f"{d} is not writable ({e.strerror or e})", "its files", "make it writable")
+
+
+def _train(config, out, task, log, progress, interrupt):
     ckpt_dir = os.path.join(out, "checkpoints")
+    if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):  # (read as no run, else)
+        _writable(out, ckpt_dir, 0)  # (refused)
+    template = init(config, task)
     put_params, put_batch = placement(config)
     try:
         found = checkpoint.restore_latest(ckpt_dir, template,
@@ -325,17 +369,21 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         (params, opt_state), manifest = found
         start, history = manifest["step"], list(manifest["meta"]["history"])
         run_config = manifest["meta"]["config"]
+    _writable(out, ckpt_dir, start)
+    if found is not None:
         log(f"resuming from step {start} ({ckpt_dir})")
     params, opt_state = put_params((params, opt_state))
     step_fn = make_step(config, task)
     key = jax.random.PRNGKey(config.seed)
     k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
 
+    def kept():
+        return (f"the checkpoints up to step {saved_at} are kept" if saved_at
+                else "no checkpoint was saved")
+
     def diverged(what):  # raised before anything non-finite is saved
-        kept = (f"The checkpoints up to step {saved_at} are kept" if saved_at
-                else "No checkpoint was saved")
-        return FloatingPointError(f"{what}: training diverged. {kept}; lower --lr or clip the "
-                                  "gradients (--clip, --clip-value)")
+        return FloatingPointError(f"{what}: training diverged. {kept().capitalize()}; lower "
+                                  "--lr or clip the gradients (--clip, --clip-value)")
 
     def save(step):
         if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)):
@@ -343,7 +391,11 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
         meta = {"config": dataclasses.asdict(config), "history": history,
                 "data_position": step * config.batch, "task_seed": config.seed,
                 "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
-        checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
+        try:
+            checkpoint.save(ckpt_dir, step, (params, opt_state), meta)
+        except OSError as e:  # disk full, a directory made read-only meanwhile...
+            raise OSError(f"cannot save the checkpoint of step {step} in {ckpt_dir} "
+                          f"({e.strerror or e}); {kept()}") from e
 
     bar = Progress(config.steps, start, f"train {config.task} {config.cell}") if progress else None
 
@@ -366,29 +418,30 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
 
     pending, saved_at, done = [], start, start
     t0 = time.perf_counter()
-    with _Interrupts(exit_on_second_interrupt) as interrupt:
-        for step in range(start, config.steps):
-            batch = put_batch(task.batch(config.seed, step, config.batch))
-            params, opt_state, loss = step_fn(params, opt_state, batch)
-            pending.append(loss)
-            if len(pending) > _IN_FLIGHT:  # wait for an earlier step: see _IN_FLIGHT
-                pending[-_IN_FLIGHT - 1].block_until_ready()
-            done, stop = step + 1, interrupt.requested  # (read once: a later Ctrl-C waits)
-            last = done == config.steps or stop
-            if done % config.save_every == 0 or last or bar is not None and done % 50 == 0:
-                flush(done, pending)
-                pending = []
-                if bar is not None:
-                    bar.update(done, f"loss {history[-1]:.4f}")
-            if done % config.save_every == 0 or last:
-                save(done)
-                saved_at = done
-            if stop:
-                break
-            if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
-                say(f"step {done}: " + listed(
-                    sample_names(config, params, jax.random.fold_in(k_during, done))))
+    interrupt.phase = "training"
+    for step in range(start, config.steps) if not interrupt.requested else ():
+        batch = put_batch(task.batch(config.seed, step, config.batch))
+        params, opt_state, loss = step_fn(params, opt_state, batch)
+        pending.append(loss)
+        if len(pending) > _IN_FLIGHT:  # wait for an earlier step: see _IN_FLIGHT
+            pending[-_IN_FLIGHT - 1].block_until_ready()
+        done, stop = step + 1, interrupt.requested  # (read once: a later Ctrl-C waits)
+        last = done == config.steps or stop
+        if done % config.save_every == 0 or last or bar is not None and done % 50 == 0:
+            flush(done, pending)
+            pending = []
+            if bar is not None:
+                bar.update(done, f"loss {history[-1]:.4f}")
+        if done % config.save_every == 0 or last:
+            save(done)
+            saved_at = done
+        if stop:
+            break
+        if config.task == "charlm" and config.sample_every and done % config.sample_every == 0:
+            say(f"step {done}: " + listed(
+                sample_names(config, params, jax.random.fold_in(k_during, done))))
     elapsed = time.perf_counter() - t0
+    interrupt.phase = "finishing"
     # The loss at the start and at the end of this call's steps, each a mean over as many
     # steps (up to 20, and not overlapping); with no new step, the run's last steps.
     new = history[start:]
@@ -409,14 +462,15 @@ def _train(config, out, task, log, progress, exit_on_second_interrupt):
     # last checkpoint: a run killed before it wrote them, or whose files were damaged since,
     # has them written again from its checkpoint by the same command.
     history_path, plot_path = os.path.join(out, "history.json"), os.path.join(out, "loss.png")
-    if done == start and _holds(history_path, history, plot_path):  # nothing new: they stay
+    if done == start and (interrupt.requested or _holds(history_path, history, plot_path)):
+        # nothing new (or stopped before the first step): they stay as they are
         summary["plot"] = None
         return summary
     summary["plot"] = plot_history(history, task, config, plot_path)
     if done == start:  # mended by a call that trained nothing: the run's own settings
         summary["mended"] = True
     record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
-    _replace(history_path, lambda f: json.dump(
+    checkpoint.write_atomically(history_path, lambda f: json.dump(
         {"config": run_config if done == start else dataclasses.asdict(config), "loss": history,
          "plot_sha256": summary["plot"] and checkpoint.sha256(plot_path), "summary": record}, f))
     return summary
@@ -437,19 +491,6 @@ def _holds(history_path, history, plot_path):
             digest == checkpoint.sha256(plot_path) if digest else os.path.exists(plot_path) or not history)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-
-
-def _replace(path, write, mode="w"):
-    """Writes ``path`` whole or not at all: ``write(file)`` to ``path.tmp``, renamed over it
-    (a temporary left by a killed run is written over by the next)."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_history(history, task, config, path):
@@ -480,6 +521,6 @@ def plot_history(history, task, config, path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _replace(path, lambda f: fig.savefig(f, format="png"), "wb")
+    checkpoint.write_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
     plt.close(fig)
     return path

@@ -510,3 +510,129 @@ def test_save_keeps_the_newest_earlier_checkpoints(tmp_path):
     assert steps() == [4, 5]
     checkpoint.save(d, 3, tree, {}, keep=1)  # an earlier step: the later ones stay
     assert steps() == [3, 4, 5]
+
+
+def test_a_manifest_without_a_key_is_skipped_with_a_warning_that_names_it(tmp_path):
+    d = str(tmp_path)
+    tree = {"w": np.zeros(2, np.float32)}
+    checkpoint.save(d, 1, tree, {})
+    path = checkpoint.save(d, 2, tree, {})
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    for key in ("manifest_sha256", "format", "meta"):  # as written before the digest, less meta
+        del manifest[key]
+    json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
+    with pytest.warns(UserWarning, match=r"ckpt-000000002: manifest.json has no 'meta'$"):
+        assert checkpoint.restore_latest(d, tree)[1]["step"] == 1
+
+
+@pytest.mark.parametrize("obstacle", ["checkpoints file", "history.json dir", "loss.png dir",
+                                      "a file named as the last checkpoint"])
+def test_what_would_stop_a_save_is_refused_before_training(tmp_path, obstacle):
+    # Found before the first step, not at the first save or at the end of the run; the
+    # error names the path, and nothing in the directory changes.
+    out = tmp_path / "run"
+    out.mkdir()
+    if obstacle == "checkpoints file":
+        (out / "checkpoints").write_text("mine")
+        named = out / "checkpoints"
+    elif obstacle.endswith(" dir"):
+        named = out / obstacle.split()[0]
+        named.mkdir()
+        (out / "checkpoints").mkdir()  # with a checkpoint: not the "new run over files" case
+        _train(tmp_path, "elsewhere", task="adding", steps=5, T=10)
+        os.rename(checkpoint.list_checkpoints(str(tmp_path / "elsewhere" / "checkpoints"))[0],
+                  out / "checkpoints" / checkpoint.name(5))
+    else:
+        (out / "checkpoints").mkdir()
+        named = out / "checkpoints" / checkpoint.name(40)
+        named.write_text("mine")
+    def listing():
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != ".lock")
+
+    before = listing()
+    traced = []
+    real_make_step = train.make_step
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "make_step", lambda *a: traced.append(1) or real_make_step(*a))
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(named)) + " is "):
+            _train(tmp_path, "run", task="adding", steps=40, T=10)
+    assert not traced
+    assert listing() == before
+
+
+def test_a_save_that_fails_says_which_checkpoints_are_kept(tmp_path, monkeypatch, capsys):
+    # The disk fills at the second save: an OSError naming the step and the checkpoints
+    # kept (a one-line error from the command line, status 1); the run resumes from them.
+    real_write = checkpoint._write
+
+    def write(tmp, step, leaves, meta):
+        if step == 40:
+            raise OSError(28, "No space left on device")
+        real_write(tmp, step, leaves, meta)
+
+    monkeypatch.setattr(checkpoint, "_write", write)
+    with pytest.raises(OSError, match=r"cannot save the checkpoint of step 40 in .*checkpoints "
+                                      r"\(No space left on device\); the checkpoints up to "
+                                      r"step 20 are kept$"):
+        _train(tmp_path, "run", task="adding", steps=60, T=10)
+    from jaxbptt import cli
+
+    argv = ["train", "adding", "--T", "10", "--out", str(tmp_path / "run"), "--steps", "60",
+            "--hidden", "16", "--batch", "8", "--save-every", "20", "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxbptt train: error: cannot save the checkpoint of step 40") and (
+        "\n" not in err), err
+    monkeypatch.setattr(checkpoint, "_write", real_write)
+    assert _train(tmp_path, "run", task="adding", steps=60, T=10)["resumed_from"] == 20
+
+
+_STOP_DURING_INIT = """
+import os, signal, sys
+from jaxbptt import cli, train
+real_init = train.init
+def init(*args):  # Ctrl-C while the initial parameters are made (and compiled)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_init(*args)
+train.init = init
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_before_the_first_step_writes_nothing(tmp_path):
+    # From the command line: it exits at once, status 130, with one line and no traceback.
+    # From Python: the run returns before its first step, interrupted. Either way nothing
+    # is written, and the run starts afresh next time.
+    argv = _cli(tmp_path / "cli", 20)[3:]
+    proc = subprocess.run([sys.executable, "-c", _STOP_DURING_INIT, *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().endswith("interrupted before the first step: nothing was saved")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not checkpoint.list_checkpoints(str(tmp_path / "cli" / "checkpoints"))
+    assert set(os.listdir(tmp_path / "cli")) <= {".lock", "checkpoints"}
+
+    real_init = train.init
+
+    def init(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_init(*args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "init", init)
+        s = _train(tmp_path, "py", task="adding", steps=20, T=10)
+    assert s["interrupted"] and s["stopped_at"] == 0 and s["checkpoint"] is None
+    assert set(os.listdir(tmp_path / "py")) <= {".lock", "checkpoints"}
+    assert _train(tmp_path, "py", task="adding", steps=20, T=10)["resumed_from"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes to a read-only directory")
+def test_a_checkpoints_directory_it_cannot_write_to_is_refused_before_training(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    os.chmod(tmp_path / "run" / "checkpoints", 0o555)
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match="checkpoints is not writable"):
+            _train(tmp_path, "run", task="adding", steps=5, T=10)
+    finally:
+        os.chmod(tmp_path / "run" / "checkpoints", 0o755)
