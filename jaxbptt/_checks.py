@@ -184,6 +184,38 @@ def sizes(**named):
     return tuple(positive_int(name, n, f" ({_SIZES[name]})") for name, n in named.items())
 
 
+def key_and_dtype(key, dtype):
+    """``init_*``'s PRNG key and parameter dtype: the dtype, or a TypeError naming the
+    argument that is not a key or not a floating dtype."""
+    if not (hasattr(key, "dtype") and hasattr(key, "shape") and (
+            jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or (np.dtype(key.dtype) == np.uint32 and len(key.shape) >= 1))):
+        got = (f"an array {np.dtype(key.dtype)}{tuple(key.shape)}" if hasattr(key, "dtype")
+               and hasattr(key, "shape") else f"{type(key).__name__} {key!r}")
+        raise TypeError(f"key must be a PRNG key, e.g. jax.random.key(0) or "
+                        f"jax.random.PRNGKey(0), got {got}")
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError("dtype must be a floating dtype (float32, float64, bfloat16, float16), "
+                        f"got {repr(dtype) if dt is None else dt}")
+    return dt
+
+
+def finite(name, x, n):
+    """A finite number, or ``n`` of them (checked unless traced), or a ValueError."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    try:
+        values = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape not in ((), (n,)) or not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be a finite number (or {n} of them), got {x!r}")
+
+
 def positive_int(name, k, accepted=""):
     """A positive Python or NumPy int (not a bool) as an int, or a ValueError (a
     TypeError if traced)."""

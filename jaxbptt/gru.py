@@ -86,6 +86,7 @@ def init_gru(key, n_x, n_a, dtype=jnp.float32, *, variant="course") -> GRUParams
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n_x, n_a = _checks.sizes(n_x=n_x, n_a=n_a)
+    dtype = _checks.key_and_dtype(key, dtype)
     k = 1.0 / math.sqrt(n_a)
     keys = jax.random.split(key, 3)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]

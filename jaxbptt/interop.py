@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbptt import _checks, memory
 from jaxbptt.gru import GRUParams
 from jaxbptt.lstm import LSTMParams
 from jaxbptt.rnn import RNNParams
@@ -479,7 +480,10 @@ def to_flax(params, cell):
     if want is GRUParams and params.bch is None:
         raise ValueError("to_flax: flax's GRUCell is the 'cudnn' variant, these GRUParams are "
                          "'course' (bch is None)")
-    n_a = params[1].shape[0]
+    try:
+        n_a = _checks.params(params, memory.cell_of(params)[1])[0]
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"to_flax: {e}") from e
     if features is not None and features != n_a:
         raise ValueError(f"to_flax: the cell has features={features} but the params have "
                          f"n_a={n_a}")

@@ -68,6 +68,8 @@ def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParam
     memory open at initialisation.
     """
     n_x, n_a = _checks.sizes(n_x=n_x, n_a=n_a)
+    dtype = _checks.key_and_dtype(key, dtype)
+    _checks.finite("forget_bias", forget_bias, n_a)
     k = 1.0 / math.sqrt(n_a)
     keys = jax.random.split(key, 4)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]

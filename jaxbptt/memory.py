@@ -161,7 +161,8 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
     return min(fits, key=lambda p: (_time(p, T), p.bytes))
 
 
-def _cell(params):
+def cell_of(params):
+    """``(the driver's cell, the fields' spec)`` of RNN, LSTM or GRU params."""
     from jaxbptt.gru import GRU_CELLS, GRUParams, _spec, gru_variant  # noqa: PLC0415
     from jaxbptt.lstm import _SPEC as _LSTM_SPEC  # noqa: PLC0415
     from jaxbptt.lstm import LSTM_CELL, LSTMParams  # noqa: PLC0415
@@ -198,7 +199,7 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
     Raises:
       ValueError: when no plan fits (the message gives the least possible).
     """
-    cell, spec = _cell(params)
+    cell, spec = cell_of(params)
     n_a, n_x, dtype = _checks.params(params, spec)
     xs = _checks.time_major(xs, _checks.flag("time_major", time_major))
     T, B = _checks.sequence(xs, n_x, dtype, time_major)

@@ -43,7 +43,9 @@ def _cols(name, x, shape, dtype, dims):
     if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
         want = ", ".join(f"{d}={w}" if w is not None else d for d, w in zip(dims, shape))
         raise ValueError(f"{name} has shape {got}, expected ({want})")
-    if dt != dtype:
+    # (as JAX computes them: NumPy float64 is float32 when x64 is off, as under jit)
+    canonical = jax.dtypes.canonicalize_dtype
+    if canonical(dt) != canonical(dtype):
         raise TypeError(f"{name} is {dt} but the parameters are {dtype}; cast one of them")
 
 
@@ -97,6 +99,26 @@ def _inputs(x, a0, parameters, W, n_x, c0=None):
     _cols(f"parameters['{out}']", parameters[out], (None, n_a), dtype, ("n_y", "n_a"))
     n_y = parameters[out].shape[0]
     _cols("parameters['by']", parameters["by"], (n_y, 1), dtype, ("n_y", "1"))
+
+
+def _cache(cache, n, what, fn):
+    """``cache`` as ``fn`` makes it: a tuple of ``n`` entries (RNN 4, LSTM 10)."""
+    if isinstance(cache, (tuple, list)) and len(cache) == n:
+        return cache
+    got = type(cache).__name__
+    if isinstance(cache, (tuple, list)):
+        cell = {4: "an RNN's", 10: "an LSTM's"}.get(len(cache))
+        got = f"a {got} of {len(cache)}" + (f", {cell}" if cell else "")
+    raise TypeError(f"{what} must be {fn}'s, a tuple of {n} entries, got {got}")
+
+
+def _steps(caches, n, fn):
+    """The step caches in ``fn``'s ``caches = (list of step caches, x)``."""
+    if not (isinstance(caches, (tuple, list)) and len(caches) == 2
+            and isinstance(caches[0], (tuple, list)) and caches[0]):
+        raise TypeError(f"caches must be {fn}'s, (a list of step caches, x), got "
+                        f"{type(caches).__name__}")
+    return [_cache(c, n, "every step cache in caches", fn) for c in caches[0]]
 
 
 def _cotangent(name, d, like, T_max=None):
@@ -157,7 +179,7 @@ def rnn_cell_backward(da_next, cache):
 
     Returns ``{dxt, da_prev, dWax, dWaa, dba}``.
     """
-    a_next, a_prev, xt, parameters = cache
+    a_next, a_prev, xt, parameters = _cache(cache, 4, "cache", "rnn_cell_forward")
     _cotangent("da_next", da_next, a_next)
     g = rnn_backward(da_next[:, :, None], ([cache], xt[:, :, None]))
     return {"dxt": g["dx"][:, :, 0], "da_prev": g["da0"], "dWax": g["dWax"],
@@ -170,7 +192,7 @@ def rnn_backward(da, caches):
     The reverse scan adds the gradient carried from step t+1 to da[:, :, t]
     at every step. Returns ``{dx, da0, dWax, dWaa, dba}``.
     """
-    steps, _ = caches
+    steps = _steps(caches, 4, "rnn_forward")
     _cotangent("da", da, steps[0][0], len(steps))
     T = da.shape[2]
     steps = steps[:T]
@@ -232,6 +254,7 @@ def lstm_cell_backward(da_next, dc_next, cache):
 
     Returns ``{dxt, da_prev, dc_prev, dWf, dbf, dWi, dbi, dWc, dbc, dWo, dbo}``.
     """
+    _cache(cache, 10, "cache", "lstm_cell_forward")
     _cotangent("da_next", da_next, cache[0])
     _cotangent("dc_next", dc_next, cache[1])
     g = _lstm_backward(da_next[:, :, None], dc_next, [cache])
@@ -248,7 +271,7 @@ def lstm_backward(da, caches):
     step to step; T_x is read from da. Returns ``{dx, da0, dWf, dbf, dWi, dbi, dWc,
     dbc, dWo, dbo}`` (the course's keys; the core also gives dc0).
     """
-    steps, _ = caches
+    steps = _steps(caches, 10, "lstm_forward")
     _cotangent("da", da, steps[0][0], len(steps))
     g = _lstm_backward(da, jnp.zeros_like(da[:, :, 0]), steps[:da.shape[2]])
     del g["dc0"]

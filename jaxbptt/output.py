@@ -29,6 +29,7 @@ class OutputParams(NamedTuple):
 def init_output(key, n_a, n_y, dtype=jnp.float32) -> OutputParams:
     """Weights uniform in ±1/sqrt(n_a), zero bias."""
     n_a, n_y = _checks.sizes(n_a=n_a, n_y=n_y)
+    dtype = _checks.key_and_dtype(key, dtype)
     k = 1.0 / math.sqrt(n_a)
     return OutputParams(jax.random.uniform(key, (n_y, n_a), dtype, -k, k),
                         jnp.zeros((n_y,), dtype))

@@ -37,6 +37,7 @@ _SPEC = {"Wax": ("n_a", "n_x"), "Waa": ("n_a", "n_a"), "ba": ("n_a",)}
 def init_rnn(key, n_x, n_a, dtype=jnp.float32) -> RNNParams:
     """Weights uniform in ±1/sqrt(n_a) (PyTorch's default), zero bias."""
     n_x, n_a = _checks.sizes(n_x=n_x, n_a=n_a)
+    dtype = _checks.key_and_dtype(key, dtype)
     k = 1.0 / math.sqrt(n_a)
     kx, ka = jax.random.split(key)
     return RNNParams(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbptt import _checks
+from jaxbptt import _checks, memory
 from jaxbptt.gru import GRUParams, gru
 from jaxbptt.lstm import LSTMParams, LSTMState, lstm
 from jaxbptt.rnn import RNNParams, rnn
@@ -48,7 +48,13 @@ def _describe(layers):
     if len(D) != 1:
         raise ValueError("either every layer of a stack is Bidirectional or none is")
     kind = next(iter(kinds))
-    n_as = {p[1].shape[0] for layer in layers for p in _directions(layer)}
+    n_as = set()
+    for l, layer in enumerate(layers):  # each layer's params whole, before the sizes compare
+        for d, p in enumerate(_directions(layer)):
+            try:
+                n_as.add(_checks.params(p, memory.cell_of(p)[1])[0])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"layer {l}{' (backward direction)' if d else ''}: {e}") from e
     if len(n_as) != 1:
         raise ValueError(f"every layer of a stack must have the same hidden size n_a "
                          f"(PyTorch's h_0/h_n layout), got {sorted(n_as)}")
@@ -150,6 +156,16 @@ def split_stream(stream, chunk: int):
     remainder shorter than ``chunk`` is dropped. Works on a pytree of streams.
     """
     chunk = _checks.positive_int("chunk", chunk)
+    leaves = jax.tree.leaves(stream)
+    for x in leaves:
+        shape, _ = _checks.shape_dtype("a stream (T, ...)", x)
+        if not shape:
+            raise ValueError(f"a stream is time-major (T, ...), got a scalar {x!r}")
+    lengths = sorted({x.shape[0] for x in leaves})
+    if len(lengths) > 1:
+        raise ValueError(f"the streams of a tree must have one length T (axis 0), got {lengths}")
+    if not leaves:
+        raise ValueError("split_stream got no stream (a tree without arrays)")
 
     def cut(x):
         n = x.shape[0] // chunk

@@ -119,6 +119,33 @@ def test_init_sizes(init):
         init(key, 3, 4.0)
 
 
+@pytest.mark.parametrize("init", [jb.init_rnn, jb.init_lstm, jb.init_gru, jb.init_output])
+def test_init_key_and_dtype(init):
+    key = jax.random.PRNGKey(0)
+    for bad, got in ((0, "got int 0"), (None, "got NoneType None"),
+                     (jnp.zeros(2, jnp.float32), "got an array float32(2,)")):
+        with pytest.raises(TypeError, match=re.escape(f"key must be a PRNG key, e.g. "
+                                                      f"jax.random.key(0) or "
+                                                      f"jax.random.PRNGKey(0), {got}")):
+            init(bad, 3, 4)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype .*got int32"):
+        init(key, 3, 4, jnp.int32)
+    assert jax.tree.leaves(init(jax.random.key(0), 3, 4, "float32"))[0].dtype == jnp.float32
+
+
+def test_init_lstm_forget_bias():
+    key = jax.random.PRNGKey(0)
+    for bad in ("x", float("nan"), float("inf"), jnp.ones(3), None):
+        with pytest.raises(ValueError, match=r"forget_bias must be a finite number \(or 4 of "
+                                             r"them\), got "):
+            jb.init_lstm(key, 3, 4, forget_bias=bad)
+    assert jb.init_lstm(key, 3, 4, forget_bias=np.float32(2.0)).bf.tolist() == [2.0] * 4
+    bf = jb.init_lstm(key, 3, 4, forget_bias=jnp.arange(4.0)).bf
+    assert bf.tolist() == [0.0, 1.0, 2.0, 3.0]
+    traced = jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(3.0)
+    assert traced.tolist() == [3.0] * 4
+
+
 def test_init_output_sizes():
     with pytest.raises(ValueError, match=re.escape("n_y must be a positive int (the number of "
                                                    "classes), got 0")):

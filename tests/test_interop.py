@@ -564,3 +564,10 @@ def test_flax_errors(nn):
         interop.to_flax(jb.init_lstm(jax.random.PRNGKey(0), N_X, N_A), cell)
     with pytest.raises(ValueError, match=r"features=5 but the params have n_a=4"):
         interop.to_flax(interop.from_flax(p, cell), nn.GRUCell(features=5))
+    lstm = jb.init_lstm(jax.random.PRNGKey(0), N_X, N_A)
+    with pytest.raises(ValueError, match=r"^to_flax: LSTMParams.Wi has shape \(4, 9\), "
+                                         r"expected \(4, 7\)"):
+        interop.to_flax(lstm._replace(Wi=jnp.zeros((N_A, 9))), nn.LSTMCell(features=N_A))
+    rnn = jb.init_rnn(jax.random.PRNGKey(0), N_X, N_A)
+    with pytest.raises(ValueError, match=r"^to_flax: RNNParams.Waa has shape \(4, 5\)"):
+        interop.to_flax(rnn._replace(Waa=jnp.zeros((N_A, 5))), nn.SimpleCell(features=N_A))

@@ -731,6 +731,39 @@ def test_bad_input_is_named_in_the_course_layout():
         ng.lstm_forward(xl, a0l, {k: v for k, v in pl.items() if k not in ("bi", "Wy")})
 
 
+def test_caches_of_another_cell_or_function_are_refused():
+    da, rnn_caches = case_rnn_backward()
+    lstm_caches = ng.lstm_forward(*case_lstm_forward())[3]
+    with pytest.raises(TypeError, match="every step cache in caches must be rnn_forward's, a "
+                                        "tuple of 4 entries, got a tuple of 10, an LSTM's"):
+        ng.rnn_backward(da, lstm_caches)
+    with pytest.raises(TypeError, match="must be lstm_forward's, a tuple of 10 entries, got a "
+                                        "tuple of 4, an RNN's"):
+        ng.lstm_backward(da, rnn_caches)
+    with pytest.raises(TypeError, match=r"caches must be rnn_forward's, \(a list of step "
+                                        r"caches, x\), got NoneType"):
+        ng.rnn_backward(da, None)
+    with pytest.raises(TypeError, match="cache must be rnn_cell_forward's, a tuple of 4 "
+                                        "entries, got a tuple of 10, an LSTM's"):
+        ng.rnn_cell_backward(da[:, :, 0], lstm_caches[0][0])
+    with pytest.raises(TypeError, match="cache must be lstm_cell_forward's, a tuple of 10 "
+                                        "entries, got dict"):
+        ng.lstm_cell_backward(da[:, :, 0], da[:, :, 0], {})
+
+
+def test_numpy_float64_with_jax_s_default_float32():
+    # The course's arrays are NumPy float64; with x64 off (JAX's default) they run in
+    # float32, the LSTM's c0 included, as they do under jit.
+    x, a0, p = case_lstm_forward()
+    a64, y64, c64, _ = ng.lstm_forward(x, a0, p)
+    with jax.enable_x64(False):
+        a, y, c, caches = ng.lstm_forward(x, a0, p)
+        g = ng.lstm_backward(np.ones(a.shape, np.float64), caches)
+    assert a.dtype == c.dtype == jnp.float32 and g["dWf"].dtype == jnp.float32
+    np.testing.assert_allclose(a, a64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, c64, rtol=1e-5, atol=1e-6)
+
+
 def test_a_wrong_upstream_gradient_is_refused_not_broadcast():
     da, caches = case_rnn_backward()  # da (5, 10, 4), caches of 4 steps
     for bad in (da[:, :1], da[:1], da[:, :, :0], np.concatenate([da, da], axis=2)):

@@ -100,6 +100,13 @@ def test_stack_errors():
         jb.stack((jb.Bidirectional(lstm, lstm), params("lstm", 8, 4)), xs)
     with pytest.raises(ValueError, match=r"same hidden size n_a .*\[4, 5\]"):
         jb.stack((lstm, params("lstm", 4, 5)), xs)
+    # each layer's params are checked whole first: a bias of the wrong size is named as such
+    with pytest.raises(ValueError, match=r"^layer 1: LSTMParams.bi has shape \(5,\), expected "
+                                         r"\(4,\)"):
+        jb.stack((lstm, lstm._replace(bi=jnp.zeros(5))), xs)
+    with pytest.raises(TypeError, match=r"^layer 0 \(backward direction\): RNNParams.Waa must "
+                                        r"be an array, got NoneType"):
+        jb.stack((jb.Bidirectional(rnn, rnn._replace(Waa=None)),), xs)
     with pytest.raises(ValueError, match=r"init has shape \(1, 2, 4\), expected .* \(2, 2, 4\)"):
         jb.stack((lstm, params("lstm", 4, 4)), xs, jb.LSTMState(*(jnp.zeros((1, 2, 4)),) * 2))
     with pytest.raises(ValueError, match="needs a PRNG key"):
@@ -154,3 +161,14 @@ def test_split_stream():
     assert jb.split_stream(x, np.int64(3)).shape == (3, 3, 2)
     with pytest.raises(ValueError, match="no window of 11"):
         jb.split_stream(x, 11)
+    # a tree of streams is cut alike: one length T for all, or an error
+    xs, ys = jb.split_stream((x, x[:, 0]), 5)
+    assert xs.shape == (2, 5, 2) and ys.shape == (2, 5)
+    with pytest.raises(ValueError, match=r"one length T \(axis 0\), got \[10, 15\]"):
+        jb.split_stream((x, jnp.zeros(15)), 5)
+    with pytest.raises(ValueError, match="time-major .*got a scalar"):
+        jb.split_stream(jnp.float32(1.0), 1)
+    with pytest.raises(TypeError, match=r"a stream \(T, ...\) must be an array, got float"):
+        jb.split_stream([1.0, 2.0], 1)
+    with pytest.raises(ValueError, match="no stream"):
+        jb.split_stream({}, 1)
