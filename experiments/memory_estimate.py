@@ -30,7 +30,7 @@ def _row(cell, shape, policy, chunk=None, slots=None):
     T, B, n_x, n_a = shape
     params = getattr(jb, f"init_{cell}")(jax.random.PRNGKey(0), n_x, n_a)
     xs = jnp.ones((T, B, n_x), jnp.float32)
-    obj, _ = memory._cell(params)
+    obj, _ = memory.cell_of(params)
     fp = memory.footprint(obj, params, B, n_x, n_a, jnp.float32)
     default = _driver.default_chunk(obj, B, n_a, jnp.float32)
     K = _driver.chunk_size(T, _driver.Options(residuals=policy, chunk=chunk,

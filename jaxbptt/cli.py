@@ -316,7 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample names from a charlm run",
                        description="Sample names, character by character, from the last "
                        "checkpoint of a 'jaxbptt train charlm' run.", formatter_class=fmt)
-    p.add_argument("--out", type=_directory, required=True, help="the run directory of 'jaxbptt train charlm'")
+    p.add_argument("--out", type=_directory, required=True,
+                   help="the run directory of 'jaxbptt train charlm'")
     p.add_argument("--n", type=_at_least(1), default=10, help="how many names")
     p.add_argument("--max-len", type=_at_least(1), default=20, help="longest name")
     p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
