@@ -47,3 +47,14 @@ def test_eager_errors_are_the_same():
         jb.lstm(params, xs)
     with pytest.raises(TypeError, match="state0 must be an LSTMState"):
         jb.lstm(params, xs[..., :3], (np.zeros((2, 4)), np.zeros((2, 4))))
+
+
+def test_numpy_float64_with_jax_s_default_float32_runs_as_under_jit():
+    # With x64 off, JAX takes a NumPy float64 xs as float32: an eager call does as jit does.
+    xs = np.random.default_rng(0).normal(size=(6, 2, 3))
+    with jax.enable_x64(False):
+        params = jb.init_lstm(jax.random.PRNGKey(0), 3, 4)
+        hs, _ = jb.lstm(params, xs)
+        want, _ = jax.jit(jb.lstm)(params, xs)
+    assert hs.dtype == want.dtype == jnp.float32
+    assert rel_err(hs, want) == 0
