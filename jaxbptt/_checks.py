@@ -212,7 +212,8 @@ def finite(name, x, n):
         values = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError):
         values = None
-    if values is None or values.shape not in ((), (n,)) or not np.all(np.isfinite(values)):
+    if values is None or values.ndim > 1 or values.size not in (1, n) or not np.all(
+            np.isfinite(values)):
         raise ValueError(f"{name} must be a finite number (or {n} of them), got {x!r}")
 
 

@@ -60,10 +60,14 @@ def sha256(path):
     return h.hexdigest()
 
 
+_WRITING = set()  # the temporaries of the writes under way, for `remove_partial_writes`
+
+
 def write_atomically(path, write, mode="w"):
     """Writes ``path`` whole or not at all: ``write(file)`` to ``path.tmp``, renamed over
     it (a temporary left by a killed process is written over by the next)."""
     tmp = f"{path}.tmp"
+    _WRITING.add(tmp)
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -71,6 +75,17 @@ def write_atomically(path, write, mode="w"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        _WRITING.discard(tmp)
+
+
+def remove_partial_writes():
+    """Deletes the temporaries of `write_atomically` calls under way: for a process about to
+    exit without unwinding (``os._exit`` on Ctrl-C)."""
+    for tmp in list(_WRITING):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 def _fsync_dir(path):

@@ -356,6 +356,9 @@ def _exit_at_once(signum, frame):
             stream.flush()
         except (OSError, RuntimeError, ValueError):
             pass
+    module = sys.modules.get("jaxbptt.checkpoint")  # (os._exit runs no finally)
+    if module is not None:
+        module.remove_partial_writes()
     try:
         os.write(2, b"\njaxbptt: interrupted\n")
     except OSError:

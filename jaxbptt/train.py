@@ -255,6 +255,7 @@ class _Interrupts:
             _say("\ninterrupted before the first step: nothing was saved\n"
                  if self.phase == "starting" else "\ninterrupted: the checkpoints saved so "
                  "far are kept; run the same command to resume\n")
+            checkpoint.remove_partial_writes()  # (os._exit runs no finally)
             os._exit(130)  # (raising inside a compile can crash the runtime)
         self.requested = True
         _say("\ninterrupted: " + {
@@ -318,7 +319,7 @@ def train(config: Config, out: str, *, log=print, progress=True,
         return _train(config, out, task, log, progress, interrupt)
 
 
-def _writable(out, ckpt_dir, start):
+def _writable(out, ckpt_dir, start, end):
     """Raises `checkpoint.CheckpointError` before training when something in ``out``
     would stop this run from saving its checkpoints, history.json or loss.png."""
     def refuse(what, saves, fix="move it away"):
@@ -327,13 +328,13 @@ def _writable(out, ckpt_dir, start):
 
     if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
         refuse(f"{ckpt_dir} is not a directory", "its checkpoints")
-    for n in ("history.json", "loss.png"):
+    for n in ("history.json", "loss.png", "history.json.tmp", "loss.png.tmp"):
         if os.path.isdir(os.path.join(out, n)):
-            refuse(f"{os.path.join(out, n)} is a directory", f"its {n}")
+            refuse(f"{os.path.join(out, n)} is a directory", f"its {n.removesuffix('.tmp')}")
     os.makedirs(ckpt_dir, exist_ok=True)
-    for n in sorted(os.listdir(ckpt_dir)):
+    for n in sorted(os.listdir(ckpt_dir)):  # (a save may come at any step up to the end)
         step, path = checkpoint.step_of(n), os.path.join(ckpt_dir, n)
-        if (step or 0) > start and not os.path.isdir(path):
+        if start < (step or 0) <= end and not os.path.isdir(path):
             refuse(f"{path} is not a checkpoint directory", f"step {step}'s checkpoint")
     for d in (out, ckpt_dir):
         try:
@@ -346,7 +347,7 @@ def _writable(out, ckpt_dir, start):
 def _train(config, out, task, log, progress, interrupt):
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):  # (read as no run, else)
-        _writable(out, ckpt_dir, 0)  # (refused)
+        _writable(out, ckpt_dir, 0, config.steps)  # (refused)
     template = init(config, task)
     put_params, put_batch = placement(config)
     try:
@@ -369,7 +370,8 @@ def _train(config, out, task, log, progress, interrupt):
         (params, opt_state), manifest = found
         start, history = manifest["step"], list(manifest["meta"]["history"])
         run_config = manifest["meta"]["config"]
-    _writable(out, ckpt_dir, start)
+    if start < config.steps:  # (a finished run may sit in a read-only directory)
+        _writable(out, ckpt_dir, start, config.steps)
     if found is not None:
         log(f"resuming from step {start} ({ckpt_dir})")
     params, opt_state = put_params((params, opt_state))
@@ -418,8 +420,8 @@ def _train(config, out, task, log, progress, interrupt):
 
     pending, saved_at, done = [], start, start
     t0 = time.perf_counter()
-    interrupt.phase = "training"
-    for step in range(start, config.steps) if not interrupt.requested else ():
+    interrupt.phase, stopped_at_start = "training", interrupt.requested
+    for step in range(start, config.steps) if not stopped_at_start else ():
         batch = put_batch(task.batch(config.seed, step, config.batch))
         params, opt_state, loss = step_fn(params, opt_state, batch)
         pending.append(loss)
@@ -462,17 +464,24 @@ def _train(config, out, task, log, progress, interrupt):
     # last checkpoint: a run killed before it wrote them, or whose files were damaged since,
     # has them written again from its checkpoint by the same command.
     history_path, plot_path = os.path.join(out, "history.json"), os.path.join(out, "loss.png")
-    if done == start and (interrupt.requested or _holds(history_path, history, plot_path)):
+    if done == start and (stopped_at_start or _holds(history_path, history, plot_path)):
         # nothing new (or stopped before the first step): they stay as they are
         summary["plot"] = None
         return summary
-    summary["plot"] = plot_history(history, task, config, plot_path)
-    if done == start:  # mended by a call that trained nothing: the run's own settings
-        summary["mended"] = True
-    record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
-    checkpoint.write_atomically(history_path, lambda f: json.dump(
-        {"config": run_config if done == start else dataclasses.asdict(config), "loss": history,
-         "plot_sha256": summary["plot"] and checkpoint.sha256(plot_path), "summary": record}, f))
+    path = plot_path
+    try:
+        summary["plot"] = plot_history(history, task, config, plot_path)
+        if done == start:  # mended by a call that trained nothing: the run's own settings
+            summary["mended"] = True
+        record = {k: v for k, v in summary.items() if k not in ("params", "opt_state", "plot")}
+        path = history_path
+        checkpoint.write_atomically(history_path, lambda f: json.dump(
+            {"config": run_config if done == start else dataclasses.asdict(config),
+             "loss": history, "plot_sha256": summary["plot"] and checkpoint.sha256(plot_path),
+             "summary": record}, f))
+    except OSError as e:  # (a full disk...): the same command writes them from the checkpoint
+        raise OSError(f"cannot write {path} ({e.strerror or e}); {kept()}, and the same "
+                      "command writes it again from the last one") from e
     return summary
 
 

@@ -140,6 +140,7 @@ def test_init_lstm_forget_bias():
                                              r"them\), got "):
             jb.init_lstm(key, 3, 4, forget_bias=bad)
     assert jb.init_lstm(key, 3, 4, forget_bias=np.float32(2.0)).bf.tolist() == [2.0] * 4
+    assert jb.init_lstm(key, 3, 4, forget_bias=jnp.ones(1)).bf.tolist() == [1.0] * 4
     bf = jb.init_lstm(key, 3, 4, forget_bias=jnp.arange(4.0)).bf
     assert bf.tolist() == [0.0, 1.0, 2.0, 3.0]
     traced = jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(3.0)

@@ -636,3 +636,69 @@ def test_a_checkpoints_directory_it_cannot_write_to_is_refused_before_training(t
             _train(tmp_path, "run", task="adding", steps=5, T=10)
     finally:
         os.chmod(tmp_path / "run" / "checkpoints", 0o755)
+
+
+def test_a_checkpoint_name_past_the_last_step_is_not_in_the_way(tmp_path):
+    # A file named as step 999's checkpoint does not stop a run that ends at step 40.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / checkpoint.name(999)).write_text("mine")
+    assert _train(tmp_path, "run", task="adding", steps=40, T=10)["stopped_at"] == 40
+    assert (tmp_path / "run" / "checkpoints" / checkpoint.name(999)).read_text() == "mine"
+
+
+def test_ctrl_c_while_the_files_are_written_still_writes_them(tmp_path):
+    # One Ctrl-C once the steps are done ("finishing"): history.json and loss.png are
+    # written all the same, also by a call that only mends them.
+    real_plot = train.plot_history
+
+    def plot(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_plot(*args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "plot_history", plot)
+        s = _train(tmp_path, "run", task="adding", steps=20, T=10)
+        assert not s["interrupted"] and (tmp_path / "run" / "history.json").exists()
+        os.remove(tmp_path / "run" / "history.json")
+        s = _train(tmp_path, "run", task="adding", steps=20, T=10)
+    assert s["mended"]
+    assert len(json.load(open(tmp_path / "run" / "history.json"))["loss"]) == 20
+
+
+_STOP_DURING_WRITE = """
+import os, signal, sys
+from jaxbptt import checkpoint, cli
+
+def write(f):  # Ctrl-C halfway through writing a file
+    f.write("half")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGINT)
+    f.write(" and the rest")
+
+with cli._ctrl_c_exits():
+    checkpoint.write_atomically(sys.argv[1], write)
+"""
+
+
+def test_ctrl_c_at_once_leaves_no_partial_file(tmp_path):
+    # The command line exits at once on Ctrl-C (outside a training loop): a file being
+    # written is neither left half written nor as a stray temporary.
+    target = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-c", _STOP_DURING_WRITE, str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "jaxbptt: interrupted", proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes to a read-only directory")
+def test_a_finished_run_in_a_read_only_directory_has_nothing_to_do(tmp_path):
+    _train(tmp_path, "run", task="adding", steps=20, T=10)
+    modes = {p: p.stat().st_mode for p in (tmp_path / "run", tmp_path / "run" / "checkpoints")}
+    for p in modes:
+        os.chmod(p, 0o555)
+    try:
+        assert _train(tmp_path, "run", task="adding", steps=20, T=10)["resumed_from"] == 20
+    finally:
+        for p, mode in modes.items():
+            os.chmod(p, mode)
