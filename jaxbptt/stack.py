@@ -113,8 +113,8 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
     if kind is LSTMParams and not isinstance(init, LSTMState):
         raise TypeError(f"init must be an LSTMState of two (layers*D, B, n_a) arrays for "
                         f"an LSTM stack, got {type(init).__name__}")
-    for leaf in jax.tree.leaves(init):
-        if tuple(leaf.shape) != (L * D, B, n_a):
+    for leaf in init if kind is LSTMParams else (init,):
+        if _checks.shape_dtype("init", leaf)[0] != (L * D, B, n_a):
             raise ValueError(f"init has shape {tuple(leaf.shape)}, expected (layers * D, B, "
                              f"n_a) = ({L * D}, {B}, {n_a}) for {L} layers, D={D}")
     keys = jax.random.split(key, L) if dropout > 0.0 else [None] * L

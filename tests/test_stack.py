@@ -110,6 +110,8 @@ def test_stack_errors():
         jb.stack((jb.Bidirectional(rnn, rnn._replace(Waa=None)),), xs)
     with pytest.raises(ValueError, match=r"init has shape \(1, 2, 4\), expected .* \(2, 2, 4\)"):
         jb.stack((lstm, params("lstm", 4, 4)), xs, jb.LSTMState(*(jnp.zeros((1, 2, 4)),) * 2))
+    with pytest.raises(TypeError, match="init must be an array, got list"):
+        jb.stack((rnn,), xs, [[0.0]])
     with pytest.raises(ValueError, match="needs a PRNG key"):
         jb.stack((lstm,), xs, dropout=0.2)
     with pytest.raises(TypeError, match="dropout must be a Python float .*got DynamicJaxprTracer"):
