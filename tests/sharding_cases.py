@@ -34,6 +34,8 @@ TOL = 1e-12
 def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--all", action="store_true",
+                        help="also the cases of cases(everything=True) (the suite's --runslow)")
     parser.add_argument("--memory", action="store_true",
                         help="print per-device residual and compiled memory of every cell's "
                         "gradient (float32, T=100, B=64, n_x=32, n_a=128) instead")
@@ -557,28 +559,47 @@ def vmap_sweeps(mesh, names):
     return rows
 
 
-def report(n_dev):
+def cases(everything=False):
+    """The models (and options) each section runs. The suite's default run leaves out
+    (for --runslow) what repeats a check of the driver, which treats every cell alike,
+    with another cell: the course GRU (its step is all that differs from the cuDNN
+    form), a second cell in the ensemble and vmap sweeps, and the autodiff references
+    in shard_map with replicated params and on an Explicit mesh."""
+    def pick(always, slow):
+        return tuple(always) + (tuple(slow) if everything else ())
+
+    return {
+        "data_parallel": pick(("rnn", "lstm", "gru-cudnn", "stack"), ("gru-course",)),
+        "shard_map": ("rnn", "lstm", "gru-course", "gru-cudnn", "stack"),
+        "shard_map_replicated_params": pick(
+            (("lstm", "sharded", "bptt"), ("lstm", "None", "bptt"), ("lstm", "zeros", "bptt"),
+             ("stack", "None", "bptt")),
+            (("lstm", "sharded", "autodiff"), ("lstm", "None", "autodiff"))),
+        "shard_map_ensemble": pick(("lstm",), ("rnn", "gru-cudnn")),
+        "vmap": pick(("lstm",), ("gru-cudnn",)),
+        "explicit_mesh": pick((("lstm", "bptt"), ("lstm:slots", "bptt"), ("stack", "bptt")),
+                              (("lstm", "autodiff"), ("gru-course", "bptt"))),
+    }
+
+
+def report(n_dev, everything=False):
     assert len(jax.devices()) == n_dev, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("batch",))
-    cells = ("rnn", "lstm", "gru-course", "gru-cudnn", "stack")
+    run = cases(everything)
     return {
         "devices": n_dev, "platform": jax.devices()[0].platform, "jax": jax.__version__,
-        "shape": {"T": T, "B": B, "n_x": N_X, "n_a": N_A},
-        "data_parallel": data_parallel(mesh, cells)
+        "shape": {"T": T, "B": B, "n_x": N_X, "n_a": N_A}, "everything": everything,
+        "data_parallel": data_parallel(mesh, run["data_parallel"])
         + data_parallel(mesh, ("lstm:states", "lstm:checkpoint", "lstm:slots"), modes=("bptt",)),
-        "shard_map": shard_map_explicit(mesh, cells, modes=("bptt",))
+        "shard_map": shard_map_explicit(mesh, run["shard_map"], modes=("bptt",))
         + shard_map_explicit(mesh, ("lstm",), modes=("autodiff",))
         + shard_map_explicit(mesh, ("lstm",), modes=("bptt",), check_vma=False),
-        "shard_map_replicated_params": shard_map_replicated_params(mesh, (
-            ("lstm", "sharded", "autodiff"), ("lstm", "sharded", "bptt"),
-            ("lstm", "None", "autodiff"), ("lstm", "None", "bptt"),
-            ("lstm", "zeros", "bptt"), ("stack", "None", "bptt"))),
-        "shard_map_ensemble": shard_map_ensemble(mesh, ("rnn", "lstm", "gru-cudnn")),
-        "vmap": vmap_sweeps(mesh, ("lstm", "gru-cudnn")),
+        "shard_map_replicated_params": shard_map_replicated_params(
+            mesh, run["shard_map_replicated_params"]),
+        "shard_map_ensemble": shard_map_ensemble(mesh, run["shard_map_ensemble"]),
+        "vmap": vmap_sweeps(mesh, run["vmap"]),
         "other_layouts": other_layouts(mesh),
-        "explicit_mesh": explicit_mesh((("lstm", "autodiff"), ("lstm", "bptt"),
-                                        ("gru-course", "bptt"), ("lstm:slots", "bptt"),
-                                        ("stack", "bptt"))),
+        "explicit_mesh": explicit_mesh(run["explicit_mesh"]),
     }
 
 
@@ -631,4 +652,4 @@ if __name__ == "__main__":
     else:
         jax.config.update("jax_enable_x64", True)
         jax.config.update("jax_numpy_rank_promotion", "raise")
-        print(json.dumps(report(ARGS.devices)))
+        print(json.dumps(report(ARGS.devices, ARGS.all)))

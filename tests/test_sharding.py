@@ -1,5 +1,5 @@
-"""Data parallelism on 4 simulated devices (and 8 with --runslow): jit+sharding, HLO collectives,
-shard_map, vmap.
+"""Data parallelism on 4 simulated devices (and 8 with --runslow, which also runs every case
+of ``sharding_cases.cases``): jit+sharding, HLO collectives, shard_map, vmap.
 
 The devices are CPU devices made by ``--xla_force_host_platform_device_count``,
 which must be set before JAX initialises, so every check runs in a subprocess
@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from sharding_cases import cases
 
 CASES = pathlib.Path(__file__).with_name("sharding_cases.py")
 # 8 devices check nothing that 4 do not (the sweep's 2-D mesh is model=2 x batch=2 on 4), only
@@ -23,17 +24,18 @@ DEVICE_COUNTS = (4, pytest.param(8, marks=pytest.mark.slow))
 TOL = 1e-12
 
 
-def _launch(n):
+def _launch(n, everything):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, str(CASES), "--devices", str(n)], env=env,
+    return subprocess.Popen([sys.executable, str(CASES), "--devices", str(n)]
+                            + (["--all"] if everything else []), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def _runs(request):
     """The subprocesses, started together (compiling dominates; they overlap on 2 cores)."""
-    counts = [4, 8] if request.config.getoption("--runslow") else [4]
-    procs = {n: _launch(n) for n in counts}
+    everything = request.config.getoption("--runslow")
+    procs = {n: _launch(n, everything) for n in ([4, 8] if everything else [4])}
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
@@ -58,6 +60,11 @@ def report(request, _runs):
     return proc.report
 
 
+def _cases(report):
+    """What the report's run covered: `sharding_cases.cases`, all of them with --runslow."""
+    return cases(report["everything"])
+
+
 def _where(row):
     return f"{row['model']}/{row['backward']}"
 
@@ -67,8 +74,8 @@ def _where(row):
 def test_data_parallel_gradients_match_one_device(report):
     # jit(grad) with xs, state0 (and the stack's lengths) sharded on the batch axis.
     rows = report["data_parallel"]
-    assert {r["model"] for r in rows} == {"rnn", "lstm", "gru-course", "gru-cudnn", "stack",
-                                          "lstm:states", "lstm:checkpoint", "lstm:slots"}
+    assert {r["model"] for r in rows} == {*_cases(report)["data_parallel"], "lstm:states",
+                                          "lstm:checkpoint", "lstm:slots"}
     for r in rows:
         assert r["grad_rel_err"] < TOL, (_where(r), r["grad_rel_err"])
         assert r["hs_rel_err"] < TOL, (_where(r), r["hs_rel_err"])
@@ -128,7 +135,7 @@ def test_shard_map_explicit_psum_matches_one_device(report):
     # Per-device jax.grad inside jax.shard_map over 'batch', then psum of dparams
     # (params cast to 'varying' under check_vma; and once with check_vma=False).
     rows = report["shard_map"]
-    assert {r["model"] for r in rows} == {"rnn", "lstm", "gru-course", "gru-cudnn", "stack"}
+    assert {r["model"] for r in rows} == set(_cases(report)["shard_map"])
     assert {r["check_vma"] for r in rows} == {True, False}
     for r in rows:
         assert r["grad_rel_err"] < TOL, (_where(r), r["check_vma"], r["grad_rel_err"])
@@ -142,7 +149,8 @@ def test_shard_map_replicated_params(report):
     rows = [r for r in report["shard_map_replicated_params"] if r["model"] == "lstm"
             and r["state0"] in ("sharded", "None")]
     assert {(r["backward"], r["state0"]) for r in rows} == {
-        (b, s) for b in ("bptt", "autodiff") for s in ("sharded", "None")}
+        (b, s) for m, s, b in _cases(report)["shard_map_replicated_params"]
+        if m == "lstm" and s in ("sharded", "None")}
     for r in rows:
         assert r["error"] is None, (_where(r), r["state0"], r["error"])
         assert r["grad_rel_err"] < TOL, (_where(r), r["state0"], r["grad_rel_err"])
@@ -164,6 +172,7 @@ def test_explicit_mesh(report):
     # hand-derived dW contractions over the sharded batch are typed unreduced.
     # Also under jax.set_mesh, with T = 19 in chunks of 8, 8 and 3.
     rows = report["explicit_mesh"]
+    assert {(r["model"], r["backward"]) for r in rows} == set(_cases(report)["explicit_mesh"])
     assert any(r["axis_types"] == "(Explicit,)" for r in rows)
     assert {r["set_mesh"] for r in rows} == {False, True}
     for r in rows:
@@ -203,7 +212,7 @@ def test_shard_map_ensemble_of_per_device_params(report):
     # the scan's carry types differed, for autodiff and bptt alike).
     rows = report["shard_map_ensemble"]
     assert {(r["model"], r["backward"]) for r in rows} == {
-        (m, b) for m in ("rnn", "lstm", "gru-cudnn") for b in ("bptt", "autodiff")}
+        (m, b) for m in _cases(report)["shard_map_ensemble"] for b in ("bptt", "autodiff")}
     for r in rows:
         assert r["error"] is None, (_where(r), r["error"])
         assert r["grad_rel_err"] < TOL, (_where(r), r["grad_rel_err"])
@@ -213,7 +222,7 @@ def test_shard_map_ensemble_of_per_device_params(report):
 def test_vmap_sweep_equals_loop(report):
     # jax.vmap over a leading axis of 8 parameter sets (xs and state0 shared), bptt.
     rows = report["vmap"]
-    assert {r["model"] for r in rows} == {"lstm", "gru-cudnn"}
+    assert {r["model"] for r in rows} == set(_cases(report)["vmap"])
     for r in rows:
         assert r["members"] == 8
         assert r["vmap_rel_err"] < TOL, (r["model"], r["vmap_rel_err"])
