@@ -587,6 +587,14 @@ def test_a_save_that_fails_says_which_checkpoints_are_kept(tmp_path, monkeypatch
     assert _train(tmp_path, "run", task="adding", steps=60, T=10)["resumed_from"] == 20
 
 
+def _after_a_ctrl_c(fn):
+    """``fn``, called after this process is sent SIGINT (a Ctrl-C)."""
+    def called(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args)
+    return called
+
+
 _STOP_DURING_INIT = """
 import os, signal, sys
 from jaxbptt import cli, train
@@ -612,14 +620,8 @@ def test_ctrl_c_before_the_first_step_writes_nothing(tmp_path):
     assert not checkpoint.list_checkpoints(str(tmp_path / "cli" / "checkpoints"))
     assert set(os.listdir(tmp_path / "cli")) <= {".lock", "checkpoints"}
 
-    real_init = train.init
-
-    def init(*args):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_init(*args)
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "init", init)
+        m.setattr(train, "init", _after_a_ctrl_c(train.init))
         s = _train(tmp_path, "py", task="adding", steps=20, T=10)
     assert s["interrupted"] and s["stopped_at"] == 0 and s["checkpoint"] is None
     assert set(os.listdir(tmp_path / "py")) <= {".lock", "checkpoints"}
@@ -649,14 +651,8 @@ def test_a_checkpoint_name_past_the_last_step_is_not_in_the_way(tmp_path):
 def test_ctrl_c_while_the_files_are_written_still_writes_them(tmp_path):
     # One Ctrl-C once the steps are done ("finishing"): history.json and loss.png are
     # written all the same, also by a call that only mends them.
-    real_plot = train.plot_history
-
-    def plot(*args):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_plot(*args)
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "plot_history", plot)
+        m.setattr(train, "plot_history", _after_a_ctrl_c(train.plot_history))
         s = _train(tmp_path, "run", task="adding", steps=20, T=10)
         assert not s["interrupted"] and (tmp_path / "run" / "history.json").exists()
         os.remove(tmp_path / "run" / "history.json")
