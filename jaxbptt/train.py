@@ -457,7 +457,7 @@ def _train(config, out, task, log, progress, interrupt):
                "baseline": task.baseline, "seconds": elapsed,
                "checkpoint": (os.path.join(ckpt_dir, checkpoint.name(saved_at)) if saved_at
                               else None)}
-    if config.task == "charlm" and config.sample_every:
+    if config.task == "charlm" and config.sample_every and not stopped_at_start:
         summary["samples"] = sample_names(config, params, k_final, n=10)
     summary["params"], summary["opt_state"] = params, opt_state
     # loss.png, then history.json (which records the plot's digest) are written after the

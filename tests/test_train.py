@@ -622,10 +622,11 @@ def test_ctrl_c_before_the_first_step_writes_nothing(tmp_path):
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train, "init", _after_a_ctrl_c(train.init))
-        s = _train(tmp_path, "py", task="adding", steps=20, T=10)
+        m.setattr(train, "sample_names", lambda *a, **k: pytest.fail("sampled after a stop"))
+        s = _train(tmp_path, "py", task="charlm", steps=20, sample_every=10)
     assert s["interrupted"] and s["stopped_at"] == 0 and s["checkpoint"] is None
     assert set(os.listdir(tmp_path / "py")) <= {".lock", "checkpoints"}
-    assert _train(tmp_path, "py", task="adding", steps=20, T=10)["resumed_from"] == 0
+    assert _train(tmp_path, "py", task="charlm", steps=20)["resumed_from"] == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
