@@ -187,11 +187,11 @@ def sizes(**named):
 def key_and_dtype(key, dtype):
     """``init_*``'s PRNG key and parameter dtype: the dtype, or a TypeError naming the
     argument that is not a key or not a floating dtype."""
-    if not (hasattr(key, "dtype") and hasattr(key, "shape") and (
-            jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or (np.dtype(key.dtype) == np.uint32 and len(key.shape) >= 1))):
-        got = (f"an array {np.dtype(key.dtype)}{tuple(key.shape)}" if hasattr(key, "dtype")
-               and hasattr(key, "shape") else f"{type(key).__name__} {key!r}")
+    array = hasattr(key, "dtype") and hasattr(key, "shape")
+    if not (array and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                       or (np.dtype(key.dtype) == np.uint32 and len(key.shape) >= 1))):
+        got = (f"an array {np.dtype(key.dtype)}{tuple(key.shape)}" if array
+               else f"{type(key).__name__} {key!r}")
         raise TypeError(f"key must be a PRNG key, e.g. jax.random.key(0) or "
                         f"jax.random.PRNGKey(0), got {got}")
     try:

@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 import warnings
 
@@ -60,7 +61,7 @@ def sha256(path):
     return h.hexdigest()
 
 
-_WRITING = set()  # the temporaries of the writes under way, for `remove_partial_writes`
+_WRITING = set()  # the temporaries of the writes under way, for `exit_at_once`
 
 
 def write_atomically(path, write, mode="w"):
@@ -78,14 +79,26 @@ def write_atomically(path, write, mode="w"):
         _WRITING.discard(tmp)
 
 
-def remove_partial_writes():
-    """Deletes the temporaries of `write_atomically` calls under way: for a process about to
-    exit without unwinding (``os._exit`` on Ctrl-C)."""
+def exit_at_once(message, status=130):
+    """Ends the process now, from a signal handler (``os._exit``: raising inside a JAX
+    compile can crash the runtime), after flushing stdout and stderr, deleting the
+    temporaries of `write_atomically` calls under way (no ``finally`` runs; a save's
+    temporary directory is removed by the next save) and writing ``message`` to stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):  # a closed pipe, a reentrant flush
+            pass
     for tmp in list(_WRITING):
         try:
             os.remove(tmp)
         except OSError:
             pass
+    try:
+        os.write(2, message.encode())
+    except OSError:
+        pass
+    os._exit(status)
 
 
 def _fsync_dir(path):

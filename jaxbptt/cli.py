@@ -13,6 +13,8 @@ import threading
 import time
 import warnings
 
+from jaxbptt import checkpoint  # (at import: a signal handler must not import)
+
 
 def _check(args) -> int:
     import jax
@@ -121,7 +123,7 @@ def _host_devices(n):
 
 
 def _train(args) -> int:
-    from jaxbptt import checkpoint, tasks, train
+    from jaxbptt import tasks, train
 
     try:
         tasks.get(args.task, args.T)  # the task's own checks, before --out is made
@@ -174,7 +176,7 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import jax
 
-    from jaxbptt import checkpoint, tasks, train
+    from jaxbptt import tasks, train
 
     ckpts = checkpoint.list_checkpoints(os.path.join(args.out, "checkpoints"))
     if not ckpts:
@@ -203,7 +205,7 @@ def _sample(args) -> int:
 
 
 def _gradflow(args) -> int:
-    from jaxbptt import checkpoint, gradflow
+    from jaxbptt import gradflow
 
     out = _writable_dir(args.parser, args.out)
     start = time.perf_counter()
@@ -351,19 +353,7 @@ def _exit_at_once(signum, frame):
     """Ctrl-C outside a training loop: exit, status 130. Raising KeyboardInterrupt while
     JAX imports or compiles can crash the process or be lost in a callback; the files the
     commands write are written whole (a temporary renamed into place) or not at all."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, RuntimeError, ValueError):
-            pass
-    module = sys.modules.get("jaxbptt.checkpoint")  # (os._exit runs no finally)
-    if module is not None:
-        module.remove_partial_writes()
-    try:
-        os.write(2, b"\njaxbptt: interrupted\n")
-    except OSError:
-        pass
-    os._exit(130)
+    checkpoint.exit_at_once("\njaxbptt: interrupted\n")
 
 
 @contextlib.contextmanager

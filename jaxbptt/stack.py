@@ -157,6 +157,8 @@ def split_stream(stream, chunk: int):
     """
     chunk = _checks.positive_int("chunk", chunk)
     leaves = jax.tree.leaves(stream)
+    if not leaves:
+        raise ValueError("split_stream got no stream (a tree without arrays)")
     for x in leaves:
         shape, _ = _checks.shape_dtype("a stream (T, ...)", x)
         if not shape:
@@ -164,8 +166,6 @@ def split_stream(stream, chunk: int):
     lengths = sorted({x.shape[0] for x in leaves})
     if len(lengths) > 1:
         raise ValueError(f"the streams of a tree must have one length T (axis 0), got {lengths}")
-    if not leaves:
-        raise ValueError("split_stream got no stream (a tree without arrays)")
 
     def cut(x):
         n = x.shape[0] // chunk

@@ -252,11 +252,10 @@ class _Interrupts:
         if at_once and not self.exit_at_once:
             raise KeyboardInterrupt
         if at_once:  # (checkpoints are written atomically: none is left half saved)
-            _say("\ninterrupted before the first step: nothing was saved\n"
-                 if self.phase == "starting" else "\ninterrupted: the checkpoints saved so "
-                 "far are kept; run the same command to resume\n")
-            checkpoint.remove_partial_writes()  # (os._exit runs no finally)
-            os._exit(130)  # (raising inside a compile can crash the runtime)
+            checkpoint.exit_at_once(
+                "\ninterrupted before the first step: nothing was saved\n"
+                if self.phase == "starting" else "\ninterrupted: the checkpoints saved so "
+                "far are kept; run the same command to resume\n")
         self.requested = True
         _say("\ninterrupted: " + {
             "starting": "stopping before the first step",
