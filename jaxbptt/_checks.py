@@ -15,10 +15,17 @@ import numpy as np
 
 
 def shape_dtype(where, x):
-    """``(shape, dtype)`` of an array, or a TypeError naming ``where``."""
+    """``(shape, dtype)`` of an array, or a TypeError naming ``where``. The dtype is the
+    one JAX computes in: a NumPy float64 is float32 when x64 is off, as under jit."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(f"{where} must be an array, got {type(x).__name__}")
-    return tuple(x.shape), np.dtype(x.dtype)
+    try:
+        dtype = jax.dtypes.canonicalize_dtype(np.dtype(x.dtype))
+    except TypeError:  # e.g. a torch.Tensor, whose dtype NumPy does not know
+        raise TypeError(f"{where} must be a JAX or NumPy array, got a "
+                        f"{type(x).__module__}.{type(x).__name__} of dtype {x.dtype} "
+                        f"(convert it first, e.g. jnp.asarray(t.numpy()))") from None
+    return tuple(x.shape), dtype
 
 
 def _float(where, dtype):
@@ -205,15 +212,20 @@ def key_and_dtype(key, dtype):
 
 
 def finite(name, x, n):
-    """A finite number, or ``n`` of them (checked unless traced), or a ValueError."""
+    """A real number, or ``n`` of them, finite (checked unless traced): a ValueError for
+    another shape or a value not finite, a TypeError for another dtype."""
     if isinstance(x, jax.core.Tracer):
+        shape, dtype = shape_dtype(name, x)
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"{name} must be real, got {dtype}")
+        if shape not in ((), (1,), (n,)):
+            raise ValueError(f"{name} must be a number (or {n} of them), got shape {shape}")
         return
     try:
         values = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError):
         values = None
-    if values is None or values.ndim > 1 or values.size not in (1, n) or not np.all(
-            np.isfinite(values)):
+    if values is None or values.shape not in ((), (1,), (n,)) or not np.all(np.isfinite(values)):
         raise ValueError(f"{name} must be a finite number (or {n} of them), got {x!r}")
 
 

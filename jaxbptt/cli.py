@@ -205,19 +205,24 @@ def _sample(args) -> int:
 
 
 def _gradflow(args) -> int:
-    from jaxbptt import gradflow
+    from jaxbptt import gradflow, train
 
     out = _writable_dir(args.parser, args.out)
     start = time.perf_counter()
-    print(f"gradient flow at initialisation, T={args.T} ...", file=sys.stderr, flush=True)
-    init = gradflow.at_init(T=args.T, seed=args.seed, backward=args.backward)
+    def bar(total, desc):  # a progress bar on stderr, or nothing with --quiet
+        if args.quiet:
+            return lambda n, loss=None: None
+        b = train.Progress(total, 0, desc)
+        return lambda n, loss=None: b.update(n, "" if loss is None else f"loss {loss:.4f}")
+
+    init = gradflow.at_init(T=args.T, seed=args.seed, backward=args.backward,
+                            on_done=bar(len(gradflow.INITS), f"gradient flow at init, T={args.T}"))
     maps = {}
     for cell in ("rnn", "lstm", "gru") if args.steps else ():
-        print(f"training {cell} on adding (T={args.train_T}) for {args.steps} steps ...",
-              file=sys.stderr, flush=True)
-        maps[cell] = gradflow.during_training(cell, T=args.train_T, steps=args.steps,
-                                              every=max(1, args.steps // 12), seed=args.seed,
-                                              backward=args.backward)
+        maps[cell] = gradflow.during_training(
+            cell, T=args.train_T, steps=args.steps, every=max(1, args.steps // 12),
+            seed=args.seed, backward=args.backward,
+            on_step=bar(args.steps, f"train {cell} on adding (T={args.train_T})"))
     result = {"T": args.T, "backward": args.backward,
               "at_init": {k: {kk: vv.tolist() for kk, vv in v.items()} for k, v in init.items()},
               "training": {c: {"steps": s.tolist(), "norms": n.tolist(), "loss": l.tolist()}
@@ -341,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     p.add_argument("--out", type=_directory, default=os.path.join("runs", "gradflow"),
                    help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_gradflow, parser=p)
     return parser
 

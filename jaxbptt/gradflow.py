@@ -86,24 +86,29 @@ def adjoint_norms(fn, params, xs, *, backward="bptt", seed=0):
     return {"a": np.asarray(out)}
 
 
-def at_init(T=100, B=32, n_x=8, n_a=64, seed=0, backward="bptt", input_scale=0.5):
+def at_init(T=100, B=32, n_x=8, n_a=64, seed=0, backward="bptt", input_scale=0.5,
+            on_done=None):
     """``{name: {"a": (T,), ...}}`` for every initialisation in `INITS`.
 
     Inputs are N(0, input_scale²): small enough that the tanh units are not
     saturated at the start, so the recurrent weights decide the flow.
+    ``on_done(i)``, if given, is called after the i-th initialisation (1, 2, ...).
     """
     xs = input_scale * jax.random.normal(jax.random.PRNGKey(seed + 1), (T, B, n_x), jnp.float32)
     results = {}
     for i, (name, (fn, make)) in enumerate(INITS.items()):
         params = make(jax.random.PRNGKey(seed * 100 + i), n_x, n_a)
         results[name] = adjoint_norms(fn, params, xs, backward=backward, seed=seed)
+        if on_done is not None:
+            on_done(i + 1)
     return results
 
 
 def during_training(cell, T=50, steps=300, every=25, hidden=32, batch=32, seed=0,
-                    backward="bptt", lr=0.01):
+                    backward="bptt", lr=0.01, on_step=None):
     """Trains ``cell`` on the adding task; every ``every`` steps records the mean
-    ‖∂L/∂a<t>‖ of the training loss. Returns (steps (K,), norms (K, T), losses)."""
+    ‖∂L/∂a<t>‖ of the training loss. Returns (steps (K,), norms (K, T), losses).
+    ``on_step(step, loss)``, if given, is called after each training step (1, 2, ...)."""
     config = train.Config(task="adding", cell=cell, hidden=hidden, T=T, steps=steps, batch=batch,
                           lr=lr, clip="norm", clip_value=1.0, backward=backward, seed=seed)
     task = tasks.get("adding", T)
@@ -130,6 +135,8 @@ def during_training(cell, T=50, steps=300, every=25, hidden=32, batch=32, seed=0
                          task.batch(seed, step, batch))
         params, opt_state, loss = step_fn(params, opt_state, b)
         losses.append(float(loss))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     return np.asarray(recorded), np.stack(rows), np.asarray(losses)
 
 

@@ -253,7 +253,11 @@ def _check_layers(layers, mode, L, D, n_x, n_a):
                             else (n_a, n_a + n_in) if f[0] == "W" else (n_a,))
                         for f in kind._fields}
             for field, shape in expected.items():
-                got = tuple(np.shape(getattr(p, field)))
+                got, dt = _checks.shape_dtype(f"to_torch: {where} {kind.__name__}.{field}",
+                                              getattr(p, field))
+                if not jnp.issubdtype(dt, jnp.floating):
+                    raise TypeError(f"to_torch: {where} {kind.__name__}.{field} is {dt}: "
+                                    f"the params must be floating")
                 if got != shape:
                     raise ValueError(
                         f"to_torch: {where} {kind.__name__}.{field} has shape {got}, expected "
@@ -387,6 +391,19 @@ def _cell_params(variables, kind, where):
 def _check_flax_shapes(p, kind, features, where):
     """(n_x, n_a) from the kernels, every shape checked."""
     dense = _FLAX_DENSE[kind]
+    dtypes = {}
+    for name, (_, has_bias) in dense.items():  # ranks and dtypes first: sizes read below
+        for leaf, rank in (("kernel", 2), ("bias", 1))[:1 + has_bias]:
+            at = f"{where}: {kind} params[{name!r}][{leaf!r}]"
+            shape, dtypes[at] = _checks.shape_dtype(at, p[name][leaf])
+            if len(shape) != rank:
+                raise ValueError(f"{at} has shape {shape}, expected rank {rank}")
+            if not jnp.issubdtype(dtypes[at], jnp.floating):
+                raise TypeError(f"{at} is {dtypes[at]}: the params must be floating")
+    common = max(set(dtypes.values()), key=list(dtypes.values()).count)
+    odd = next((at for at, dt in dtypes.items() if dt != common), None)
+    if odd is not None:
+        raise TypeError(f"{odd} is {dtypes[odd]} but the other params are {common}")
     h_name = next(n for n, (s, _) in dense.items() if s == "h")
     i_name = next(n for n, (s, _) in dense.items() if s == "i")
     n_a = np.shape(p[h_name]["kernel"])[-1]

@@ -74,7 +74,8 @@ def init_lstm(key, n_x, n_a, dtype=jnp.float32, *, forget_bias=1.0) -> LSTMParam
     keys = jax.random.split(key, 4)
     W = [jax.random.uniform(kk, (n_a, n_a + n_x), dtype, -k, k) for kk in keys]
     zeros = jnp.zeros((n_a,), dtype)
-    return LSTMParams(W[0], zeros + forget_bias, W[1], zeros, W[2], zeros, W[3], zeros)
+    bf = zeros + jnp.asarray(forget_bias, dtype)  # in dtype, whatever forget_bias's own
+    return LSTMParams(W[0], bf, W[1], zeros, W[2], zeros, W[3], zeros)
 
 
 class _Fused(NamedTuple):

@@ -83,17 +83,20 @@ def _lstm_params(parameters):
     return p
 
 
-def _inputs(x, a0, parameters, W, n_x, c0=None):
-    """Checks x (n_x, m, T_x), a0 (and c0) (n_a, m) and the output layer W (n_y, n_a),
-    by (n_y, 1) against the cell's parameters (n_a, n_x, dtype read from ``W`` first)."""
+def _inputs(parameters, W, n_x, x, states, step=False):
+    """Checks x (n_x, m, T_x) (one step's xt (n_x, m) if ``step``), the initial states
+    (a dict name -> (n_a, m) array) and the output layer W (n_y, n_a), by (n_y, 1)
+    against the cell's parameters (n_a, n_x, dtype read from ``W`` first)."""
     dtype, n_a = parameters[W].dtype, parameters[W].shape[0]
-    _cols("x", x, (n_x, None, None), dtype, ("n_x", "m", "T_x"))
-    if x.shape[2] < 1:
-        raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
+    if step:
+        _cols("xt", x, (n_x, None), dtype, ("n_x", "m"))
+    else:
+        _cols("x", x, (n_x, None, None), dtype, ("n_x", "m", "T_x"))
+        if x.shape[2] < 1:
+            raise ValueError(f"x must hold at least one time step, got shape {tuple(x.shape)}")
     m = x.shape[1]
-    for name, s in (("a0", a0), ("c0", c0)):
-        if s is not None:
-            _cols(name, s, (n_a, m), dtype, ("n_a", "m"))
+    for name, s in states.items():
+        _cols(name, s, (n_a, m), dtype, ("n_a", "m"))
     out = "Wya" if W == "Wax" else "Wy"  # the course's names: Wya (RNN), Wy (LSTM)
     _keys(parameters, (out, "by"))
     _cols(f"parameters['{out}']", parameters[out], (None, n_a), dtype, ("n_y", "n_a"))
@@ -152,6 +155,8 @@ def rnn_cell_forward(xt, a_prev, parameters):
     Returns ``(a_next (n_a, m), yt_pred (n_y, m), cache)``, cache =
     ``(a_next, a_prev, xt, parameters)``.
     """
+    p = _rnn_params(parameters)
+    _inputs(parameters, "Wax", p.Wax.shape[1], xt, {"a_prev": a_prev}, step=True)
     a, y, caches = rnn_forward(xt[:, :, None], a_prev, parameters)
     return a[:, :, 0], y[:, :, 0], caches[0][0]
 
@@ -163,7 +168,7 @@ def rnn_forward(x, a0, parameters):
     ``(list of the T_x step caches, x)``.
     """
     p = _rnn_params(parameters)
-    _inputs(x, a0, parameters, "Wax", p.Wax.shape[1])
+    _inputs(parameters, "Wax", p.Wax.shape[1], x, {"a0": a0})
     hs, _, _ = _driver.forward(RNN_CELL, p, _time_major(x), a0.T, keep_residuals=False)
     a = _time_major(hs)
     y_pred = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wya"], a)
@@ -217,6 +222,8 @@ def lstm_cell_forward(xt, a_prev, c_prev, parameters):
     Returns ``(a_next, c_next, yt_pred, cache)``, cache = ``(a_next, c_next,
     a_prev, c_prev, ft, it, cct, ot, xt, parameters)``.
     """
+    p = _lstm_params(parameters)
+    _inputs(parameters, "Wf", _n_x(p), xt, {"a_prev": a_prev, "c_prev": c_prev}, step=True)
     a, y, c, caches = _lstm_forward(xt[:, :, None], a_prev, c_prev, parameters)
     return a[:, :, 0], c[:, :, 0], y[:, :, 0], caches[0][0]
 
@@ -227,13 +234,18 @@ def lstm_forward(x, a0, parameters):
     Returns ``(a, y, c, caches)``: a and c (n_a, m, T_x), y (n_y, m, T_x), caches =
     ``(list of the T_x step caches, x)``.
     """
+    _inputs(parameters, "Wf", _n_x(_lstm_params(parameters)), x, {"a0": a0})
     return _lstm_forward(x, a0, jnp.zeros_like(a0), parameters)
+
+
+def _n_x(p):
+    return p.Wf.shape[1] - p.Wf.shape[0]
 
 
 def _lstm_forward(x, a0, c0, parameters):
     p = _lstm_params(parameters)
+    _inputs(parameters, "Wf", _n_x(p), x, {"a0": a0, "c0": c0})
     xs = _time_major(x)
-    _inputs(x, a0, parameters, "Wf", p.Wf.shape[1] - p.Wf.shape[0], c0)
     state0 = LSTMState(a0.T, c0.T)
     gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2][0].res
     replay = lambda s, G: (LSTM_CELL.replay(s, G),) * 2  # noqa: E731 (states from the gates)

@@ -37,19 +37,19 @@ def init_output(key, n_a, n_y, dtype=jnp.float32) -> OutputParams:
 
 def _check(params, hs):
     _checks.params_type(params, OutputParams, "jb.init_output")
-    shape_w, _ = _checks.shape_dtype("OutputParams.Wya", params.Wya)
-    shape_b, _ = _checks.shape_dtype("OutputParams.by", params.by)
+    shape_w, dtype_w = _checks.shape_dtype("OutputParams.Wya", params.Wya)
+    shape_b, dtype_b = _checks.shape_dtype("OutputParams.by", params.by)
     if len(shape_w) != 2 or shape_b != shape_w[:1]:
         raise ValueError(f"OutputParams must be Wya (n_y, n_a) and by (n_y,), got "
                          f"Wya {shape_w} and by {shape_b}")
-    shape_h, _ = _checks.shape_dtype("hs", hs)
+    shape_h, dtype_h = _checks.shape_dtype("hs", hs)
     if not shape_h or shape_h[-1] != shape_w[1]:
         raise ValueError(f"hs has shape {shape_h} but Wya {shape_w} expects "
                          f"n_a={shape_w[1]} on the last axis")
-    dtypes = {params.Wya.dtype, params.by.dtype, hs.dtype}
-    if len(dtypes) != 1 or not jnp.issubdtype(hs.dtype, jnp.floating):
+    if len({dtype_w, dtype_b, dtype_h}) != 1 or not jnp.issubdtype(dtype_h, jnp.floating):
         raise TypeError(f"OutputParams and hs must share one float dtype, got "
-                        f"Wya {params.Wya.dtype}, by {params.by.dtype}, hs {hs.dtype}")
+                        f"Wya {dtype_w}, by {dtype_b}, hs {dtype_h}")
+    return dtype_h
 
 
 def logits(params: OutputParams, hs):
@@ -127,7 +127,7 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
       The summed cross-entropy, a scalar: in hs's dtype, or in float32 for bfloat16 and
       float16 hs (a float16 sum overflows past 65504). The gradients keep hs's dtype.
     """
-    _check(params, hs)
+    dtype = _check(params, hs)
     _checks.backward_mode(backward)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -138,12 +138,13 @@ def cross_entropy(params: OutputParams, hs, labels, weights=None, *, backward="b
     if jnp.iinfo(labels.dtype).max < params.Wya.shape[0]:  # n_y would wrap around in it
         labels = labels.astype(jnp.int32)
     if weights is None:
-        weights = jnp.ones(hs.shape[:-1], hs.dtype)
-    if _checks.shape_dtype("weights", weights)[0] != tuple(hs.shape[:-1]):
+        weights = jnp.ones(hs.shape[:-1], dtype)
+    shape, dtype_weights = _checks.shape_dtype("weights", weights)
+    if shape != tuple(hs.shape[:-1]):
         raise ValueError(f"weights must have shape hs.shape[:-1] = {tuple(hs.shape[:-1])}, "
-                         f"got {tuple(weights.shape)}")
-    if weights.dtype != hs.dtype:
-        raise TypeError(f"weights must have hs's dtype {hs.dtype}, got {weights.dtype}")
+                         f"got {shape}")
+    if dtype_weights != dtype:
+        raise TypeError(f"weights must have hs's dtype {dtype}, got {dtype_weights}")
     if backward == "bptt":  # in shard_map, all cast to vary as the data does: JAX then
         # sums an invariant argument's gradient over the axes (the transpose of the cast)
         params, hs, weights = _driver.varying_like((params, hs, weights),

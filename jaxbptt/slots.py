@@ -71,9 +71,17 @@ def _segments(n, m):
 def cost(n: int, m: int) -> int:
     """Chunk forwards the backward reruns with m slots for n chunks, beyond the one
     each chunk's backward runs: F(n, m) (0 when m >= n)."""
-    if n < 1 or m < 1:
-        raise ValueError(f"cost needs n >= 1 chunks and m >= 1 slots, got n={n}, m={m}")
+    n, m = _counts("cost", n, m)
     return _segments(n, min(m, n))[1]
+
+
+def _counts(name, n, m):
+    """n >= 1 chunks and m >= 1 slots as ints, or a ValueError."""
+    if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1
+               for k in (n, m)):
+        raise ValueError(f"{name} needs ints n >= 1 chunks and m >= 1 slots, got n={n!r}, "
+                         f"m={m!r}")
+    return int(n), int(m)
 
 
 class Schedule(NamedTuple):
@@ -101,6 +109,10 @@ class Schedule(NamedTuple):
 def schedule(n: int, m: int) -> Schedule:
     """The optimal `Schedule` of n chunks with m slots (1 <= m < n), slot 0 holding
     the initial state."""
+    n, m = _counts("schedule", n, m)
+    if m >= n:
+        raise ValueError(f"schedule needs fewer slots than chunks (m < n), got n={n}, m={m}: "
+                         f"with m >= n every chunk start is kept")
     slot, start = np.full(n, m), np.zeros(n, np.int64)
     free, tasks, lo = list(range(m - 1, -1, -1)), [], 0
     for k, y in _segments(n, m)[0].items():  # kept by the call's forward

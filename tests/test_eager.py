@@ -58,3 +58,15 @@ def test_numpy_float64_with_jax_s_default_float32_runs_as_under_jit():
         want, _ = jax.jit(jb.lstm)(params, xs)
     assert hs.dtype == want.dtype == jnp.float32
     assert rel_err(hs, want) == 0
+    # the params too, and cross_entropy's weights: NumPy float64 all, float32 in JAX
+    with jax.enable_x64(False):
+        f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+        params = jax.tree.map(f64, jb.init_rnn(jax.random.PRNGKey(0), 3, 4))
+        out = jax.tree.map(f64, jb.init_output(jax.random.PRNGKey(1), 4, 5))
+        hs, _ = jb.rnn(params, xs)
+        want, _ = jax.jit(jb.rnn)(params, xs)
+        labels, weights = np.zeros((6, 2), np.int64), np.ones((6, 2))
+        loss = jb.cross_entropy(out, hs, labels, weights)
+        loss_jit = jax.jit(jb.cross_entropy)(out, hs, labels, weights)
+    assert params.Wax.dtype == np.float64 and hs.dtype == want.dtype == jnp.float32
+    assert rel_err(hs, want) == 0 and rel_err(loss, loss_jit) < 1e-6

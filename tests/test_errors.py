@@ -145,6 +145,18 @@ def test_init_lstm_forget_bias():
     assert bf.tolist() == [0.0, 1.0, 2.0, 3.0]
     traced = jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(3.0)
     assert traced.tolist() == [3.0] * 4
+    # traced, its shape and dtype are still known: checked, not broadcast into bf
+    for bad, error, message in ((jnp.ones((4, 1)), ValueError, r"got shape \(4, 1\)"),
+                                (jnp.ones(3), ValueError, r"got shape \(3,\)"),
+                                (jnp.ones(4, jnp.complex64), TypeError, "must be real")):
+        with pytest.raises(error, match="forget_bias " + message if error is TypeError
+                           else r"forget_bias must be a number \(or 4 of them\), " + message):
+            jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b))(bad)
+    # bf takes the params' dtype whatever forget_bias's: jb.lstm accepts what init_lstm makes
+    for bias in (jnp.ones(4), np.float32(2.0), np.ones(4)):
+        p = jb.init_lstm(key, 3, 4, jnp.bfloat16, forget_bias=bias)
+        assert {x.dtype for x in p} == {jnp.dtype(jnp.bfloat16)}
+        jb.lstm(p, jnp.ones((2, 1, 3), jnp.bfloat16))
 
 
 def test_init_output_sizes():
@@ -199,6 +211,16 @@ def test_params_not_arrays():
     _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
     with pytest.raises(TypeError, match="RNNParams.Wax must be an array"):
         jb.rnn(params._replace(Wax=[[1.0]]), xs, a0)
+
+
+def test_torch_tensors_are_named():
+    torch = pytest.importorskip("torch")
+    _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
+    with pytest.raises(TypeError, match="xs must be a JAX or NumPy array, got a torch.Tensor "
+                                        "of dtype torch.float64"):
+        jb.rnn(params, torch.from_numpy(np.asarray(xs)))
+    with pytest.raises(TypeError, match="lengths must be a JAX or NumPy array, got a torch"):
+        jb.rnn(params, xs, a0, lengths=torch.tensor([4, 2]))
 
 
 def test_params_of_another_cell():

@@ -416,6 +416,9 @@ def test_to_torch_architecture_mismatch(torch):
          r"bias=False but layer 0 has a nonzero bf"),
         (lstm2[0], make_module("lstm", 2), TypeError,
          r"layers must be a tuple .*got LSTMParams \(wrap a single layer as \(params,\)\)"),
+        ((lstm2[0]._replace(Wf=lstm2[0].Wf.astype(jnp.complex128)), lstm2[1]),
+         make_module("lstm", 2), TypeError, r"layer 0 LSTMParams.Wf is complex128: the params "
+                                            r"must be floating"),
     ]
     for layers, module, exc, match in cases:
         before = _state(module)
@@ -557,6 +560,18 @@ def test_flax_errors(nn):
         interop.from_flax(bad, cell)
     with pytest.raises(TypeError, match=r"expected flax variables or params"):
         interop.from_flax([p], cell)
+    # ranks and dtypes are checked before any size is read from a kernel
+    for kernel, exc, match in (
+            (p["iz"]["kernel"][None], ValueError, r"\['iz'\]\['kernel'\] has shape \(1, 3, 4\), "
+                                                  r"expected rank 2"),
+            (np.float64(1.0), ValueError, r"\['iz'\]\['kernel'\] has shape \(\), expected rank 2"),
+            (None, TypeError, r"\['iz'\]\['kernel'\] must be an array, got NoneType"),
+            (p["iz"]["kernel"].astype(jnp.int32), TypeError, r"is int32: the params must be "
+                                                            r"floating"),
+            (p["iz"]["kernel"].astype(jnp.float32), TypeError,
+             r"\['iz'\]\['kernel'\] is float32 but the other params are float64")):
+        with pytest.raises(exc, match=match):
+            interop.from_flax({**p, "iz": {**p["iz"], "kernel": kernel}}, cell)
     course = jb.init_gru(jax.random.PRNGKey(0), N_X, N_A, jnp.float64)
     with pytest.raises(ValueError, match=r"GRUCell is the 'cudnn' variant"):
         interop.to_flax(course, cell)

@@ -716,9 +716,19 @@ def test_bad_input_is_named_in_the_course_layout():
         ng.rnn_forward(x, a0, {**p, "by": np.zeros((2, 10))})
     with pytest.raises(ValueError, match=r"parameters\['Wya'\] has shape \(5, 2\)"):
         ng.rnn_forward(x, a0, {**p, "Wya": p["Wya"].T})
-    with pytest.raises(ValueError, match=r"c0 has shape \(10, 5\)"):
-        ng.lstm_cell_forward(*case_lstm_cell_forward()[:2],
-                             case_lstm_cell_forward()[2].T, case_lstm_cell_forward()[3])
+    xt, a_prev, c_prev, pc = case_lstm_cell_forward()
+    with pytest.raises(ValueError, match=r"c_prev has shape \(10, 5\), expected \(n_a=5, m=10\)"):
+        ng.lstm_cell_forward(xt, a_prev, c_prev.T, pc)
+    with pytest.raises(TypeError, match="c_prev must be an array, got NoneType"):
+        ng.lstm_cell_forward(xt, a_prev, None, pc)
+    with pytest.raises(ValueError, match=r"xt has shape \(3,\), expected \(n_x=3, m\)"):
+        ng.lstm_cell_forward(xt[:, 0], a_prev, c_prev, pc)
+    with pytest.raises(ValueError, match=r"xt has shape \(3,\), expected \(n_x=3, m\)"):
+        ng.rnn_cell_forward(x[:, 0, 0], a0, p)
+    with pytest.raises(TypeError, match="a_prev must be an array, got NoneType"):
+        ng.rnn_cell_forward(x[:, :, 0], None, p)
+    with pytest.raises(TypeError, match="a0 must be an array, got NoneType"):
+        ng.rnn_forward(x, None, p)
     with pytest.raises(ValueError, match="parameters lacks Waa: the course's dict holds Wax, "
                                          "Waa, ba"):
         ng.rnn_forward(x, a0, {k: v for k, v in p.items() if k != "Waa"})
@@ -727,6 +737,10 @@ def test_bad_input_is_named_in_the_course_layout():
     with pytest.raises(TypeError, match="parameters must be a dict, as in the course, got list"):
         ng.rnn_forward(x, a0, list(p.values()))
     xl, a0l, pl = case_lstm_forward()
+    with pytest.raises(ValueError, match=r"x has shape \(3, 10\), expected \(n_x=3, m, T_x\)"):
+        ng.lstm_forward(xl[:, :, 0], a0l, pl)
+    with pytest.raises(TypeError, match="a0 must be an array, got NoneType"):
+        ng.lstm_forward(xl, None, pl)
     with pytest.raises(ValueError, match="parameters lacks bi: "):
         ng.lstm_forward(xl, a0l, {k: v for k, v in pl.items() if k not in ("bi", "Wy")})
 

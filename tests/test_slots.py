@@ -30,8 +30,17 @@ def test_least_forwards_follow_the_recursion():
             assert slots._least([t], k)[0] == C[t, k], (t, k)
             assert slots.cost(t, k) == F[t, k], (t, k)
     assert slots.cost(30, 30) == slots.cost(30, 99) == 0  # every start kept by the call
-    with pytest.raises(ValueError, match="n >= 1 chunks and m >= 1 slots"):
-        slots.cost(10, 0)
+    for n, m in ((10, 0), (10.5, 3), (0, 2), (4, True)):
+        with pytest.raises(ValueError, match="ints n >= 1 chunks and m >= 1 slots"):
+            slots.cost(n, m)
+
+
+def test_schedule_refuses_what_it_cannot_plan():
+    for n, m in ((5, 0), (5, -1), (-3, 1), (10.0, 3)):  # m <= 0 once looped for ever
+        with pytest.raises(ValueError, match="ints n >= 1 chunks and m >= 1 slots"):
+            slots.schedule(n, m)
+    with pytest.raises(ValueError, match=r"fewer slots than chunks \(m < n\), got n=5, m=5"):
+        slots.schedule(5, 5)
 
 
 def test_schedule_delivers_every_state():
