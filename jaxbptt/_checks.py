@@ -191,16 +191,30 @@ def sizes(**named):
     return tuple(positive_int(name, n, f" ({_SIZES[name]})") for name, n in named.items())
 
 
-def key_and_dtype(key, dtype):
+def key(k, where="key"):
+    """One PRNG key: a typed key of shape (), or the raw uint32 data of one (PRNGKey's),
+    or a TypeError naming ``where``."""
+    array = hasattr(k, "dtype") and hasattr(k, "shape")
+    if array and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
+        ok = k.shape == ()
+    elif array and np.dtype(k.dtype) == np.uint32 and len(k.shape) == 1:
+        try:  # the default implementation's key shape, e.g. (2,) for threefry
+            jax.random.wrap_key_data(k)
+            ok = True
+        except TypeError:
+            ok = False
+    else:
+        ok = False
+    if not ok:
+        got = (f"an array {k.dtype}{tuple(k.shape)}" if array else f"{type(k).__name__} {k!r}")
+        raise TypeError(f"{where} must be one PRNG key, e.g. jax.random.key(0) or "
+                        f"jax.random.PRNGKey(0), got {got}")
+
+
+def key_and_dtype(k, dtype):
     """``init_*``'s PRNG key and parameter dtype: the dtype, or a TypeError naming the
     argument that is not a key or not a floating dtype."""
-    array = hasattr(key, "dtype") and hasattr(key, "shape")
-    if not (array and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-                       or (np.dtype(key.dtype) == np.uint32 and len(key.shape) >= 1))):
-        got = (f"an array {np.dtype(key.dtype)}{tuple(key.shape)}" if array
-               else f"{type(key).__name__} {key!r}")
-        raise TypeError(f"key must be a PRNG key, e.g. jax.random.key(0) or "
-                        f"jax.random.PRNGKey(0), got {got}")
+    key(k)
     try:
         dt = jnp.dtype(dtype)
     except TypeError:

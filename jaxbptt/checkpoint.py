@@ -252,7 +252,10 @@ def list_checkpoints(directory):
 
 def _read(path, template, validate):
     with open(os.path.join(path, "manifest.json")) as f:
-        manifest = json.load(f)
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest.json is not valid JSON ({e})") from e
     # (manifests written before the digest existed have neither it nor a format, and are
     # read as they are)
     if ("manifest_sha256" in manifest or "format" in manifest) and (

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbptt import checkpoint, tasks, train
+from jaxbptt import _checks, checkpoint, tasks, train
 from jaxbptt.gru import gru, init_gru
 from jaxbptt.lstm import init_lstm, lstm
 from jaxbptt.rnn import RNNParams, rnn
@@ -65,7 +65,10 @@ def adjoint_norms(fn, params, xs, *, backward="bptt", seed=0):
     whose adjoint has norm 1 at the last step.
     Returns a dict with "a" (T,) and, for the LSTM, "c" (T,).
     """
-    T, B, _ = xs.shape
+    shape, _ = _checks.shape_dtype("xs", xs)
+    if len(shape) != 3:
+        raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape {shape}")
+    T = shape[0]
     _, state_T = jax.eval_shape(fn, params, xs)
     state0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_T)
     n_a = jax.tree.leaves(state0)[0].shape[-1]
@@ -94,6 +97,8 @@ def at_init(T=100, B=32, n_x=8, n_a=64, seed=0, backward="bptt", input_scale=0.5
     saturated at the start, so the recurrent weights decide the flow.
     ``on_done(i)``, if given, is called after the i-th initialisation (1, 2, ...).
     """
+    for name, n in (("T", T), ("B", B), ("n_x", n_x), ("n_a", n_a)):
+        _checks.positive_int(name, n)
     xs = input_scale * jax.random.normal(jax.random.PRNGKey(seed + 1), (T, B, n_x), jnp.float32)
     results = {}
     for i, (name, (fn, make)) in enumerate(INITS.items()):
@@ -109,6 +114,12 @@ def during_training(cell, T=50, steps=300, every=25, hidden=32, batch=32, seed=0
     """Trains ``cell`` on the adding task; every ``every`` steps records the mean
     ‖∂L/∂a<t>‖ of the training loss. Returns (steps (K,), norms (K, T), losses).
     ``on_step(step, loss)``, if given, is called after each training step (1, 2, ...)."""
+    if cell not in train.CELLS:
+        raise ValueError(f"cell must be one of {', '.join(map(repr, train.CELLS))}, got {cell!r}")
+    for name, n in (("T", T), ("every", every), ("hidden", hidden), ("batch", batch)):
+        _checks.positive_int(name, n)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     config = train.Config(task="adding", cell=cell, hidden=hidden, T=T, steps=steps, batch=batch,
                           lr=lr, clip="norm", clip_value=1.0, backward=backward, seed=seed)
     task = tasks.get("adding", T)

@@ -102,10 +102,12 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:
         raise ValueError("dropout > 0 needs a PRNG key: stack(..., dropout=p, key=key)")
-    if getattr(xs, "ndim", None) != 3:
-        raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape "
-                         f"{getattr(xs, 'shape', None)}")
-    B, dtype = xs.shape[1], xs.dtype
+    if dropout > 0.0:
+        _checks.key(key)
+    shape, dtype = _checks.shape_dtype("xs", xs)
+    if len(shape) != 3:
+        raise ValueError(f"xs must have rank 3 with shape (T, B, n_x), got shape {shape}")
+    B = shape[1]
     L = len(layers)
     if init is None:
         zeros = jnp.zeros((L * D, B, n_a), dtype)

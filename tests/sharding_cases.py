@@ -615,8 +615,9 @@ def memory(n_dev, shape=(100, 64, 32, 128)):
     """
     t, b, n_x, n_a = shape
     modes = (("bptt", "gates"), ("bptt", "states"), ("bptt", "checkpoint"), ("autodiff", None))
+    cells, counts = ("rnn", "lstm", "gru-course", "gru-cudnn"), sorted({1, n_dev})
     rows = []
-    for cell in ("rnn", "lstm", "gru-course", "gru-cudnn"):
+    for cell in cells:
         fn, params, xs, s0 = make(cell, t, b, n_x, n_a, dtype=np.float32)
         specs = (jax.tree.map(lambda _: P(), params), BATCH, jax.tree.map(lambda _: ROWS, s0))
         for backward, policy in modes:
@@ -629,7 +630,7 @@ def memory(n_dev, shape=(100, 64, 32, 128)):
                 return jnp.sum(run(params, xs, s0)[0] ** 2)
 
             grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            for n in sorted({1, n_dev}):
+            for n in counts:
                 mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
                 args = put((params, xs, s0), specs, mesh)
                 _, vjp = jax.vjp(run, *args)
@@ -642,6 +643,8 @@ def memory(n_dev, shape=(100, 64, 32, 128)):
                     "argument_bytes": m.argument_size_in_bytes,
                     "output_bytes": m.output_size_in_bytes,
                     "temp_bytes": m.temp_size_in_bytes})
+                print(f"{len(rows)}/{len(cells) * len(modes) * len(counts)}: {cell} {backward} "
+                      f"{policy or ''} on {n} device(s)", file=sys.stderr, flush=True)
     return {"shape": {"T": t, "B": b, "n_x": n_x, "n_a": n_a, "dtype": "float32"},
             "rows": rows}
 

@@ -123,8 +123,11 @@ def test_init_sizes(init):
 def test_init_key_and_dtype(init):
     key = jax.random.PRNGKey(0)
     for bad, got in ((0, "got int 0"), (None, "got NoneType None"),
-                     (jnp.zeros(2, jnp.float32), "got an array float32(2,)")):
-        with pytest.raises(TypeError, match=re.escape(f"key must be a PRNG key, e.g. "
+                     (jnp.zeros(2, jnp.float32), "got an array float32(2,)"),
+                     (jnp.zeros(4, jnp.uint32), "got an array uint32(4,)"),  # not threefry's
+                     (jax.random.split(key, 3), "got an array uint32(3, 2)"),
+                     (jax.random.split(jax.random.key(0), 3), "got an array key<fry>(3,)")):
+        with pytest.raises(TypeError, match=re.escape(f"key must be one PRNG key, e.g. "
                                                       f"jax.random.key(0) or "
                                                       f"jax.random.PRNGKey(0), {got}")):
             init(bad, 3, 4)

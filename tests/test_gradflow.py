@@ -74,9 +74,11 @@ def test_lstm_cell_adjoint_at_the_last_steps():
 
 
 def test_during_training_records_the_run_train_makes():
+    seen = []
     steps, norms, losses = gradflow.during_training("rnn", T=6, steps=4, every=2, hidden=8,
-                                                    batch=4)
+                                                    batch=4, on_step=lambda *a: seen.append(a))
     assert steps.tolist() == [0, 2, 4] and norms.shape == (3, 6) and losses.shape == (4,)
+    assert seen == [(k + 1, loss) for k, loss in enumerate(losses.tolist())]
     config = train.Config(task="adding", cell="rnn", hidden=8, T=6, steps=4, batch=4, lr=0.01,
                           clip="norm", clip_value=1.0, save_every=4, sample_every=0)
     task = tasks.get("adding", 6)
@@ -123,3 +125,20 @@ def test_plots_run_from_the_loss_backwards(tmp_path, monkeypatch):
     norms = np.array([[1e-4, 1e-2, 1.0], [1e-3, 1e-1, 1.0]])
     gradflow.plot_training({"rnn": (np.array([0, 5]), norms, None)}, tmp_path / "t.png", 3)
     np.testing.assert_allclose(drawn["img"], np.log10(norms[:, ::-1]))
+
+
+def test_bad_arguments_are_named():
+    params = init_rnn(jax.random.PRNGKey(0), 3, 4)
+    cases = [(lambda: gradflow.adjoint_norms(rnn, params, jnp.ones((5, 3))),
+              r"xs must have rank 3 with shape \(T, B, n_x\), got shape \(5, 3\)"),
+             (lambda: gradflow.at_init(T=-1), "T must be a positive int, got -1"),
+             (lambda: gradflow.at_init(n_a=0), "n_a must be a positive int, got 0"),
+             (lambda: gradflow.during_training("foo"), "cell must be one of 'rnn', 'lstm', "
+                                                      "'gru', got 'foo'"),
+             (lambda: gradflow.during_training("rnn", every=0), "every must be a positive int"),
+             (lambda: gradflow.during_training("rnn", T=0), "T must be a positive int"),
+             (lambda: gradflow.during_training("rnn", batch=0), "batch must be a positive int"),
+             (lambda: gradflow.during_training("rnn", steps=-1), "steps must be an int >= 0")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -114,6 +114,10 @@ def test_stack_errors():
         jb.stack((rnn,), xs, [[0.0]])
     with pytest.raises(ValueError, match="needs a PRNG key"):
         jb.stack((lstm,), xs, dropout=0.2)
+    with pytest.raises(TypeError, match="key must be one PRNG key, .*got int 0"):
+        jb.stack((lstm,), xs, dropout=0.2, key=0)
+    with pytest.raises(TypeError, match=r"xs must be an array, got list"):
+        jb.stack((lstm,), xs.tolist())
     with pytest.raises(TypeError, match="dropout must be a Python float .*got DynamicJaxprTracer"):
         jax.jit(lambda p: jb.stack((lstm,), xs, dropout=p, key=jax.random.PRNGKey(0)))(0.2)
     # a layer's input size is checked by the cell; the message names the layer and its xs

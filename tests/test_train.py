@@ -111,7 +111,12 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="checksum"):
         _, manifest = checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)
     assert manifest["step"] == 20
-    os.remove(os.path.join(paths[-1], "manifest.json"))  # a half-written checkpoint
+    manifest_40 = os.path.join(paths[-1], "manifest.json")
+    with open(manifest_40, "w") as f:  # a manifest cut short
+        f.write('{"step": 4')
+    with pytest.warns(UserWarning, match="ckpt-000000040: manifest.json is not valid JSON"):
+        assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
+    os.remove(manifest_40)  # a half-written checkpoint
     with pytest.warns(UserWarning):
         assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
     with open(arrays, "wb") as f:  # a good checkpoint whose manifest lost its history
