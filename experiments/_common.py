@@ -1,5 +1,6 @@
 """Shared bits of the experiment scripts: where results go and what machine ran them."""
 
+import argparse
 import json
 import os
 import platform
@@ -28,11 +29,30 @@ def timing_env():
             if k.startswith("MALLOC_") or k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def add_out(parser):
-    """``--out DIR``: where the script writes its JSON and PNG files."""
+def add_out(parser, what="JSON and PNG files"):
+    """``--out DIR``: where the script writes its ``what``."""
     parser.add_argument("--out", metavar="DIR", default=RESULTS,
-                        help="where the JSON and PNG files go (default experiments/results, "
+                        help=f"where it writes its {what} (default experiments/results, "
                              "whose files RESULTS.md quotes: point a trial run elsewhere)")
+
+
+def at_least(low):
+    """An argparse type: an int >= ``low``, or a usage error naming the value."""
+    def parse(text):
+        try:
+            k = int(text)
+        except ValueError:
+            k = None
+        if k is None or k < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return k
+    return parse
+
+
+def int_list(low):
+    """An argparse type: comma-separated ints, each >= ``low``."""
+    one = at_least(low)
+    return lambda text: [one(t) for t in text.split(",")]
 
 
 def out_path(out, name):

@@ -75,7 +75,7 @@ import numpy as np
 
 import _bench_peers as peers
 import jaxbptt
-from _common import add_out, machine, write_json
+from _common import add_out, at_least, int_list, machine, write_json
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 SHAPES = {
@@ -471,7 +471,9 @@ def bounds_markdown(cell, rows, peak_gflops):
 
 
 def fmt(x, spec, width):
-    return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
+    """``x`` right-aligned in ``width``, always after a space: a value too wide for its
+    column pushes the row along rather than running into the column before."""
+    return " " + (f"{'-':>{width - 1}}" if x is None else f"{x:>{width - 1}{spec}}")
 
 
 def _paired_text(r, ref, dash="-"):
@@ -500,7 +502,7 @@ def print_table(cell, rows):
               + fmt(r.get("pct_gemm_peak"), ".1f", 8) + fmt(r.get("temp_mib"), ".2f", 10)
               + fmt(r.get("mem_x_autodiff"), ".2f", 9) + fmt(r.get("mem_x_scan"), ".2f", 10)
               + fmt(r.get("faulted_mib"), ".1f", 9)
-              + "".join(f"{_paired_text(r, ref):>20}" for ref in ("autodiff", "torch", "torch-aten")))
+              + "".join(f" {_paired_text(r, ref):>19}" for ref in ("autodiff", "torch", "torch-aten")))
         last = shape
     errs = [(r["variant"], r["grad_rel_err_vs_autodiff"]) for r in rows
             if "grad_rel_err_vs_autodiff" in r]
@@ -606,15 +608,15 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend, env=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="about 2 min smoke run: small shapes, 3 runs")
+    p.add_argument("--quick", action="store_true", help="a smoke run: small shapes, 3 runs (2 to 5 minutes on 2 cores)")
     p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset of lstm,gru,rnn")
-    p.add_argument("--runs", type=int, default=None, help="timed runs per variant (7; quick 3)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing")
-    p.add_argument("--sweep-T", default=None, help="T values of the sweep (64,256,1024,4096)")
-    p.add_argument("--sweep-time-max-T", type=int, default=None,
+    p.add_argument("--runs", type=at_least(1), default=None, help="timed runs per variant (7; quick 3)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="warm-up rounds before timing")
+    p.add_argument("--sweep-T", type=int_list(1), default=None, help="T values of the sweep (64,256,1024,4096)")
+    p.add_argument("--sweep-time-max-T", type=at_least(1), default=None,
                    help="time the sweep up to this T (4096; larger T: memory only)")
     p.add_argument("--no-sweep", action="store_true", help="skip the T sweep")
-    p.add_argument("--torch-threads", type=int, default=None,
+    p.add_argument("--torch-threads", type=at_least(1), default=None,
                    help="torch.set_num_threads(N) (default: leave PyTorch's default)")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print RESULTS.md's tables from a stored run (no timing)")
@@ -649,7 +651,7 @@ def main():
         p.error(f"unknown cell(s) {bad}; choose from lstm, gru, rnn")
     runs = args.runs or (3 if args.quick else 7)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    sweep_Ts = ([int(t) for t in args.sweep_T.split(",")] if args.sweep_T else
+    sweep_Ts = (args.sweep_T if args.sweep_T else
                 [16, 64, 256, 1024] if args.quick else [64, 256, 1024, 4096])
     sweep_time_max = args.sweep_time_max_T or (256 if args.quick else 4096)
     sB, sx, sa = QUICK_SWEEP_SHAPE if args.quick else SWEEP_SHAPE

@@ -38,7 +38,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_out, write_json
+from _common import add_out, at_least, write_json
 from jax import lax
 
 MiB = 2**20
@@ -193,8 +193,8 @@ def fault_cost_us(mib=128, repeats=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=15, help="timed calls per measurement (default 15)")
-    add_out(ap)
+    ap.add_argument("--runs", type=at_least(1), default=15, help="timed calls per measurement (default 15)")
+    add_out(ap, "JSON file")
     ap.add_argument("--pinned-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--faults-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

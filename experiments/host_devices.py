@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 
-from _common import add_out, write_json  # (imports JAX only when called)
+from _common import add_out, at_least, write_json# (imports JAX only when called)
 
 
 def _cpus():
@@ -49,15 +49,15 @@ def _cpus():
 
 def _parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, default=_cpus(),
+    p.add_argument("--devices", type=at_least(1), default=_cpus(),
                    help="host devices to split the batch over (default: the CPUs this "
                    "process may run on)")
-    p.add_argument("--runs", type=int, default=15, help="timed rounds per shape")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up rounds")
+    p.add_argument("--runs", type=at_least(1), default=15, help="timed rounds per shape (default 15)")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="warm-up rounds (default 2)")
     p.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated subset")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print RESULTS.md's table from a stored run (no timing)")
-    add_out(p)
+    add_out(p, "JSON file")
     return p.parse_args()
 
 

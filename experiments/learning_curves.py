@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import add_out, out_path, write_json  # noqa: E402
+from _common import add_out, at_least, out_path, write_json# noqa: E402
 
 from jaxbptt import tasks, train  # noqa: E402
 
@@ -32,8 +32,8 @@ RUNS = [  # task, cell, T, lr
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500, help="training steps per run (default 1500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and parameters (default 0)")
+    p.add_argument("--steps", type=at_least(1), default=1500, help="training steps per run (default 1500)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the data and parameters (default 0)")
     add_out(p)
     args = p.parse_args()
     results, t0 = [], time.perf_counter()

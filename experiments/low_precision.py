@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_out, write_json
+from _common import add_out, at_least, write_json
 
 import jaxbptt as jb
 
@@ -64,8 +64,8 @@ def rel_l2(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=8, help="seeds per cell, dtype and shape (default 8)")
-    add_out(p)
+    p.add_argument("--seeds", type=at_least(1), default=8, help="seeds per cell, dtype and shape (default 8)")
+    add_out(p, "JSON file")
     args = p.parse_args()
     t0, rows = time.perf_counter(), []
     print(f"{'cell':<12}{'dtype':<10}{'T, B, n_x, n_a':<20}{'ratio median':>13}{'min-max':>14}"

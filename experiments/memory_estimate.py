@@ -73,6 +73,6 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_out(p)
+    add_out(p, "JSON file")
     args = p.parse_args()
     main(args)

@@ -33,7 +33,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from _common import add_out, write_json
+from _common import add_out, at_least, write_json
 
 import jaxbptt as jb
 
@@ -126,15 +126,15 @@ def build(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm")
-    ap.add_argument("--shape", type=int, nargs=4, default=(100, 32, 64, 128),
+    ap.add_argument("--shape", type=at_least(1), nargs=4, default=(100, 32, 64, 128),
                     metavar=("T", "B", "N_X", "N_A"))
     ap.add_argument("--backward", choices=("bptt", "autodiff"), default="bptt")
     ap.add_argument("--residuals", choices=("gates", "states", "checkpoint"), default="gates")
-    ap.add_argument("--chunk", type=int, default=None, help="steps per chunk (the default's if not given)")
+    ap.add_argument("--chunk", type=at_least(1), default=None, help="steps per chunk (the default's if not given)")
     ap.add_argument("--variant", choices=("course", "cudnn"), default="cudnn", help="GRU form")
-    ap.add_argument("--calls", type=int, default=10, help="calls traced (and timed untraced)")
-    ap.add_argument("--top", type=int, default=20, help="ops listed")
-    add_out(ap)
+    ap.add_argument("--calls", type=at_least(1), default=10, help="calls traced (and timed untraced)")
+    ap.add_argument("--top", type=at_least(1), default=20, help="ops listed")
+    add_out(ap, "JSON file")
     args = ap.parse_args()
     T = args.shape[0]
 
@@ -205,6 +205,8 @@ def main():
     for o in overlaps:
         a, b = o["ops"]
         print(f"  {o['ms_per_call']:8.3f}  {a} {ops[a][1].split('{')[0]} & {b} {ops[b][1].split('{')[0]}")
+    if not overlaps:
+        print("  none for 0.01 ms per call or more")
     name = "_".join([f"profile_ops_{args.cell}", *map(str, args.shape), args.backward]
                     + ([args.residuals] if args.backward == "bptt" else [])
                     + ([args.variant] if args.cell == "gru" else [])

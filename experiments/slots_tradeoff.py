@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_out, out_path, write_json
+from _common import add_out, at_least, out_path, write_json
 
 import jaxbptt as jb
 from jaxbptt import _driver, memory
@@ -42,8 +42,8 @@ def variants(T):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
-    p.add_argument("--runs", type=int, default=7, help="timed rounds (default 7)")
+    p.add_argument("--T", type=at_least(2), default=1024, help="sequence length (default 1024)")
+    p.add_argument("--runs", type=at_least(1), default=7, help="timed rounds (default 7)")
     p.add_argument("--plot", metavar="JSON", default=None,
                    help="redraw the PNG of a stored run, beside it (no timing)")
     add_out(p)
