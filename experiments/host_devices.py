@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 
-from _common import add_out, at_least, write_json# (imports JAX only when called)
+from _common import add_out, at_least, write_json  # (imports JAX only when called)
 
 
 def _cpus():

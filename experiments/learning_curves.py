@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import add_out, at_least, out_path, write_json# noqa: E402
+from _common import add_out, at_least, out_path, write_json  # noqa: E402
 
 from jaxbptt import tasks, train  # noqa: E402
 

@@ -20,11 +20,16 @@ def shape_dtype(where, x):
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         raise TypeError(f"{where} must be an array, got {type(x).__name__}")
     try:
-        dtype = jax.dtypes.canonicalize_dtype(np.dtype(x.dtype))
+        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        dtype = None if is_key else jax.dtypes.canonicalize_dtype(np.dtype(x.dtype))
     except TypeError:  # e.g. a torch.Tensor, whose dtype NumPy does not know
-        raise TypeError(f"{where} must be a JAX or NumPy array, got a "
-                        f"{type(x).__module__}.{type(x).__name__} of dtype {x.dtype} "
-                        f"(convert it first, e.g. jnp.asarray(t.numpy()))") from None
+        kind = f"{type(x).__module__}.{type(x).__name__}"
+        hint = (" (convert it first, e.g. jnp.asarray(t.detach().cpu().float().numpy()))"
+                if kind.startswith("torch.") else "")
+        raise TypeError(f"{where} must be a JAX or NumPy array, got a {kind} of dtype "
+                        f"{x.dtype}{hint}") from None
+    if is_key:
+        raise TypeError(f"{where} is an array of PRNG keys ({x.dtype}), expected numbers")
     return tuple(x.shape), dtype
 
 
@@ -195,9 +200,14 @@ def key(k, where="key"):
     """One PRNG key: a typed key of shape (), or the raw uint32 data of one (PRNGKey's),
     or a TypeError naming ``where``."""
     array = hasattr(k, "dtype") and hasattr(k, "shape")
-    if array and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key):
+    try:
+        typed = array and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
+        raw = array and not typed and np.dtype(k.dtype) == np.uint32 and len(k.shape) == 1
+    except TypeError:  # a dtype NumPy does not know (a torch.Tensor's)
+        typed = raw = False
+    if typed:
         ok = k.shape == ()
-    elif array and np.dtype(k.dtype) == np.uint32 and len(k.shape) == 1:
+    elif raw:
         try:  # the default implementation's key shape, e.g. (2,) for threefry
             jax.random.wrap_key_data(k)
             ok = True
@@ -225,22 +235,28 @@ def key_and_dtype(k, dtype):
     return dt
 
 
+def _real(dtype):
+    """A float (bfloat16 included), int or bool dtype: not complex, not a string."""
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or (
+        dtype == np.bool_)
+
+
 def finite(name, x, n):
-    """A real number, or ``n`` of them, finite (checked unless traced): a ValueError for
-    another shape or a value not finite, a TypeError for another dtype."""
+    """A real number, or ``n`` of them, finite (its values checked unless traced), or a
+    ValueError."""
+    message = f"{name} must be a finite number (or {n} of them), got "
     if isinstance(x, jax.core.Tracer):
         shape, dtype = shape_dtype(name, x)
-        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-            raise TypeError(f"{name} must be real, got {dtype}")
-        if shape not in ((), (1,), (n,)):
-            raise ValueError(f"{name} must be a number (or {n} of them), got shape {shape}")
+        if not _real(dtype) or shape not in ((), (1,), (n,)):
+            raise ValueError(message + f"a traced {dtype}{shape}")
         return
     try:
-        values = np.asarray(x, dtype=np.float64)
+        values = np.asarray(x)
     except (TypeError, ValueError):
         values = None
-    if values is None or values.shape not in ((), (1,), (n,)) or not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} must be a finite number (or {n} of them), got {x!r}")
+    if (values is None or not _real(values.dtype) or values.shape not in ((), (1,), (n,))
+            or not np.all(np.isfinite(values.astype(np.float64)))):
+        raise ValueError(message + repr(x))
 
 
 def positive_int(name, k, accepted=""):

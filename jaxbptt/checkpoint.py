@@ -256,6 +256,8 @@ def _read(path, template, validate):
             manifest = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"manifest.json is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest.json holds a {type(manifest).__name__}, not an object")
     # (manifests written before the digest existed have neither it nor a format, and are
     # read as they are)
     if ("manifest_sha256" in manifest or "format" in manifest) and (

@@ -107,12 +107,11 @@ class Schedule(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def schedule(n: int, m: int) -> Schedule:
-    """The optimal `Schedule` of n chunks with m slots (1 <= m < n), slot 0 holding
-    the initial state."""
+    """The optimal `Schedule` of n chunks with m >= 1 slots, slot 0 holding the initial
+    state (with m >= n, every start in a slot of its own and no reruns)."""
     n, m = _counts("schedule", n, m)
-    if m >= n:
-        raise ValueError(f"schedule needs fewer slots than chunks (m < n), got n={n}, m={m}: "
-                         f"with m >= n every chunk start is kept")
+    if m >= n:  # every chunk start kept where the call's forward passes it: no reruns
+        return _read_only(np.arange(n), np.arange(n), 0)
     slot, start = np.full(n, m), np.zeros(n, np.int64)
     free, tasks, lo = list(range(m - 1, -1, -1)), [], 0
     for k, y in _segments(n, m)[0].items():  # kept by the call's forward
@@ -135,6 +134,10 @@ def schedule(n: int, m: int) -> Schedule:
             begin = lo if begin is None else begin
             slot[lo + y] = free.pop()
             tasks += [("C", lo, lo + y, k), ("free", lo + y, 0, 0), ("C", lo + y, hi, k - 1)]
+    return _read_only(slot, start, forwards)
+
+
+def _read_only(slot, start, forwards):
     slot.setflags(write=False)
     start.setflags(write=False)
     return Schedule(slot, start, int(forwards))

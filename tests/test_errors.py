@@ -122,9 +122,10 @@ def test_init_sizes(init):
 @pytest.mark.parametrize("init", [jb.init_rnn, jb.init_lstm, jb.init_gru, jb.init_output])
 def test_init_key_and_dtype(init):
     key = jax.random.PRNGKey(0)
+    n = key.shape[0]  # the default implementation's key data: 2 for threefry
     for bad, got in ((0, "got int 0"), (None, "got NoneType None"),
                      (jnp.zeros(2, jnp.float32), "got an array float32(2,)"),
-                     (jnp.zeros(4, jnp.uint32), "got an array uint32(4,)"),  # not threefry's
+                     (jnp.zeros(n + 1, jnp.uint32), f"got an array uint32({n + 1},)"),
                      (jax.random.split(key, 3), "got an array uint32(3, 2)"),
                      (jax.random.split(jax.random.key(0), 3), "got an array key<fry>(3,)")):
         with pytest.raises(TypeError, match=re.escape(f"key must be one PRNG key, e.g. "
@@ -149,12 +150,18 @@ def test_init_lstm_forget_bias():
     traced = jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(3.0)
     assert traced.tolist() == [3.0] * 4
     # traced, its shape and dtype are still known: checked, not broadcast into bf
-    for bad, error, message in ((jnp.ones((4, 1)), ValueError, r"got shape \(4, 1\)"),
-                                (jnp.ones(3), ValueError, r"got shape \(3,\)"),
-                                (jnp.ones(4, jnp.complex64), TypeError, "must be real")):
-        with pytest.raises(error, match="forget_bias " + message if error is TypeError
-                           else r"forget_bias must be a number \(or 4 of them\), " + message):
+    for bad, got in ((jnp.ones((4, 1)), r"float64\(4, 1\)"), (jnp.ones(3), r"float64\(3,\)"),
+                     (jnp.ones(4, jnp.complex64), r"complex64\(4,\)")):
+        with pytest.raises(ValueError, match=r"forget_bias must be a finite number \(or 4 of "
+                                             r"them\), got a traced " + got):
             jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b))(bad)
+    assert jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(True).tolist() == [1] * 4
+    half = jnp.full(4, 0.5, jnp.bfloat16)
+    assert jb.init_lstm(key, 3, 4, forget_bias=half).bf.tolist() == [0.5] * 4
+    assert jax.jit(lambda b: jb.init_lstm(key, 3, 4, forget_bias=b).bf)(half).tolist() == [0.5] * 4
+    for bad in ("1", np.ones(4, np.complex64)):  # not parsed, not cut to its real part
+        with pytest.raises(ValueError, match="forget_bias must be a finite number"):
+            jb.init_lstm(key, 3, 4, forget_bias=bad)
     # bf takes the params' dtype whatever forget_bias's: jb.lstm accepts what init_lstm makes
     for bias in (jnp.ones(4), np.float32(2.0), np.ones(4)):
         p = jb.init_lstm(key, 3, 4, jnp.bfloat16, forget_bias=bias)
@@ -224,6 +231,11 @@ def test_torch_tensors_are_named():
         jb.rnn(params, torch.from_numpy(np.asarray(xs)))
     with pytest.raises(TypeError, match="lengths must be a JAX or NumPy array, got a torch"):
         jb.rnn(params, xs, a0, lengths=torch.tensor([4, 2]))
+    with pytest.raises(TypeError, match=r"key must be one PRNG key, .*got an array torch.int64"):
+        jb.init_rnn(torch.tensor([0, 0]), 3, 4)
+    with pytest.raises(TypeError, match=r"lengths is an array of PRNG keys \(key<fry>\), "
+                                        r"expected numbers"):
+        jb.rnn(params, xs, a0, lengths=jax.random.split(jax.random.key(0), 2))
 
 
 def test_params_of_another_cell():

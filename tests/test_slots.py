@@ -35,12 +35,14 @@ def test_least_forwards_follow_the_recursion():
             slots.cost(n, m)
 
 
-def test_schedule_refuses_what_it_cannot_plan():
+def test_schedule_of_bad_or_ample_slots():
     for n, m in ((5, 0), (5, -1), (-3, 1), (10.0, 3)):  # m <= 0 once looped for ever
         with pytest.raises(ValueError, match="ints n >= 1 chunks and m >= 1 slots"):
             slots.schedule(n, m)
-    with pytest.raises(ValueError, match=r"fewer slots than chunks \(m < n\), got n=5, m=5"):
-        slots.schedule(5, 5)
+    for m in (5, 7):  # a slot for every chunk start: nothing rerun
+        plan = slots.schedule(5, m)
+        assert plan.slot.tolist() == plan.start.tolist() == list(range(5))
+        assert plan.forwards == slots.cost(5, m) == 0
 
 
 def test_schedule_delivers_every_state():

@@ -116,6 +116,10 @@ def test_corrupted_checkpoint_falls_back_with_warning(tmp_path):
         f.write('{"step": 4')
     with pytest.warns(UserWarning, match="ckpt-000000040: manifest.json is not valid JSON"):
         assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
+    with open(manifest_40, "w") as f:  # JSON, but not a manifest
+        f.write("40")
+    with pytest.warns(UserWarning, match="ckpt-000000040: manifest.json holds a int, not an"):
+        assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
     os.remove(manifest_40)  # a half-written checkpoint
     with pytest.warns(UserWarning):
         assert checkpoint.restore_latest(str(tmp_path / "checkpoints"), template)[1]["step"] == 20
