@@ -228,7 +228,7 @@ def test_torch_tensors_are_named():
     _, params, xs, a0 = make("rnn", 4, 2, 3, 5)
     with pytest.raises(TypeError, match="xs must be a JAX or NumPy array, got a torch.Tensor "
                                         "of dtype torch.float64"):
-        jb.rnn(params, torch.from_numpy(np.asarray(xs)))
+        jb.rnn(params, torch.tensor(np.asarray(xs)))
     with pytest.raises(TypeError, match="lengths must be a JAX or NumPy array, got a torch"):
         jb.rnn(params, xs, a0, lengths=torch.tensor([4, 2]))
     with pytest.raises(TypeError, match=r"key must be one PRNG key, .*got an array torch.int64"):
