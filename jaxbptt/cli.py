@@ -209,6 +209,7 @@ def _gradflow(args) -> int:
 
     out = _writable_dir(args.parser, args.out)
     start = time.perf_counter()
+
     def bar(total, desc):  # a progress bar on stderr, or nothing with --quiet
         if args.quiet:
             return lambda n, loss=None: None

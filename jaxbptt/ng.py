@@ -157,7 +157,7 @@ def rnn_cell_forward(xt, a_prev, parameters):
     """
     p = _rnn_params(parameters)
     _inputs(parameters, "Wax", p.Wax.shape[1], xt, {"a_prev": a_prev}, step=True)
-    a, y, caches = rnn_forward(xt[:, :, None], a_prev, parameters)
+    a, y, caches = _rnn_forward(p, xt[:, :, None], a_prev, parameters)
     return a[:, :, 0], y[:, :, 0], caches[0][0]
 
 
@@ -169,6 +169,11 @@ def rnn_forward(x, a0, parameters):
     """
     p = _rnn_params(parameters)
     _inputs(parameters, "Wax", p.Wax.shape[1], x, {"a0": a0})
+    return _rnn_forward(p, x, a0, parameters)
+
+
+def _rnn_forward(p, x, a0, parameters):
+    """`rnn_forward` on inputs its callers have checked."""
     hs, _, _ = _driver.forward(RNN_CELL, p, _time_major(x), a0.T, keep_residuals=False)
     a = _time_major(hs)
     y_pred = softmax(jnp.einsum("yn,nmt->ymt", parameters["Wya"], a)
@@ -224,7 +229,7 @@ def lstm_cell_forward(xt, a_prev, c_prev, parameters):
     """
     p = _lstm_params(parameters)
     _inputs(parameters, "Wf", _n_x(p), xt, {"a_prev": a_prev, "c_prev": c_prev}, step=True)
-    a, y, c, caches = _lstm_forward(xt[:, :, None], a_prev, c_prev, parameters)
+    a, y, c, caches = _lstm_forward(p, xt[:, :, None], a_prev, c_prev, parameters)
     return a[:, :, 0], c[:, :, 0], y[:, :, 0], caches[0][0]
 
 
@@ -234,17 +239,17 @@ def lstm_forward(x, a0, parameters):
     Returns ``(a, y, c, caches)``: a and c (n_a, m, T_x), y (n_y, m, T_x), caches =
     ``(list of the T_x step caches, x)``.
     """
-    _inputs(parameters, "Wf", _n_x(_lstm_params(parameters)), x, {"a0": a0})
-    return _lstm_forward(x, a0, jnp.zeros_like(a0), parameters)
+    p = _lstm_params(parameters)
+    _inputs(parameters, "Wf", _n_x(p), x, {"a0": a0})
+    return _lstm_forward(p, x, a0, jnp.zeros_like(a0), parameters)
 
 
 def _n_x(p):
     return p.Wf.shape[1] - p.Wf.shape[0]
 
 
-def _lstm_forward(x, a0, c0, parameters):
-    p = _lstm_params(parameters)
-    _inputs(parameters, "Wf", _n_x(p), x, {"a0": a0, "c0": c0})
+def _lstm_forward(p, x, a0, c0, parameters):
+    """The LSTM from (a0, c0), on inputs its callers have checked."""
     xs = _time_major(x)
     state0 = LSTMState(a0.T, c0.T)
     gates = _driver.forward(LSTM_CELL, p, xs, state0, opts=_one_chunk(xs.shape[0]))[2][0].res
