@@ -4,8 +4,10 @@ LSTM gradient (params, xs; zero initial state) of sum(hs * w), float32, B=32, n_
 "gates" (the default), "checkpoint" at K = sqrt(T), two nests, and "checkpoint" with
 chunks of K steps and m slots for several m. For each: XLA's temp memory of the compiled
 gradient, the estimate (`jaxbptt.memory.plan_bytes`), the median time (interleaved runs in
-a new random order each round) relative to "checkpoint" at K = sqrt(T), the chunk forwards
-rerun per chunk, F(n, m) / n, and the planner's time model for it.
+a new random order each round) relative to "checkpoint" at K = sqrt(T), the paired ratio
+(the median over the rounds of each round's time over that round's K = sqrt(T) time, with its
+quartiles), the chunk forwards rerun per chunk, F(n, m) / n, and the planner's time model for
+it. The JSON keeps every run's time as well.
 
 Run: python experiments/slots_tradeoff.py [--T 1024] [--runs 7] [--out DIR]
      python experiments/slots_tradeoff.py --plot results/slots_tradeoff_T1024.json  # redraw
@@ -90,16 +92,22 @@ def main():
     base, base_model = np.median(times[base_i]), rows[base_i]["model"]
     print(f"\nLSTM T={T}, B={B}, n_x={N_X}, n_a={N_A}, float32; median of {args.runs}; "
           f"time relative to checkpoint K={K0}")
-    print(f"{'variant':<22}{'XLA MiB':>9}{'est MiB':>9}{'ms':>9}{'x ckpt':>8}{'F/n':>7}"
-          f"{'model':>7}")
+    print(f"{'variant':<22}{'XLA MiB':>9}{'est MiB':>9}{'ms':>9}{'x ckpt':>8}"
+          f"{'paired (quartiles)':>22}{'F/n':>7}{'model':>7}")
     for r, t in zip(rows, times):
+        r["times_ms"] = [1e3 * x for x in t]  # every run, in round order
         r["median_ms"] = 1e3 * float(np.median(t))
         r["relative"] = float(np.median(t) / base)
+        # Side by side: each round's time over the same round's checkpoint K=K0 time.
+        ratios = np.asarray(t) / np.asarray(times[base_i])
+        r["paired"], r["paired_quartiles"] = (float(np.median(ratios)),
+                                              [float(q) for q in np.quantile(ratios, [.25, .75])])
         r["model_relative"] = r["model"] / base_model if r["model"] else None
         fn_ = f"{r['reruns_per_chunk']:.2f}" if r["reruns_per_chunk"] is not None else "-"
         mo = f"{r['model_relative']:.2f}" if r["model_relative"] else "-"
+        pq = "{:.2f} ({:.2f}-{:.2f})".format(r["paired"], *r["paired_quartiles"])
         print(f"{r['variant']:<22}{r['temp_mib']:>9.2f}{r['estimate_mib']:>9.2f}"
-              f"{r['median_ms']:>9.1f}{r['relative']:>8.2f}{fn_:>7}{mo:>7}")
+              f"{r['median_ms']:>9.1f}{r['relative']:>8.2f}{pq:>22}{fn_:>7}{mo:>7}")
     png = plot(rows, T, out_path(args.out, f"slots_tradeoff_T{T}.png"))
     path = write_json(f"slots_tradeoff_T{T}.json", {"T": T, "B": B, "n_x": N_X, "n_a": N_A,
                                               "runs": args.runs, "rows": rows}, args.out)
