@@ -107,12 +107,19 @@ def rel_err(a, b):
     return worst
 
 
+def cell_object(cell):
+    """The driver's cell object behind a name of `CELLS` (its class holds the step rules)."""
+    if cell.startswith("gru-"):
+        return importlib.import_module("jaxbptt.gru").GRU_CELLS[cell.removeprefix("gru-")]
+    module = importlib.import_module(f"jaxbptt.{cell}")  # (jaxbptt.lstm is the function)
+    return getattr(module, f"{cell.upper()}_CELL")
+
+
 @contextlib.contextmanager
 def broken_backward(monkeypatch, cell, change):
-    """Within it, the hand-derived step backward of ``cell`` ("rnn" or "lstm") returns
+    """Within it, the hand-derived step backward of ``cell`` (a name of `CELLS`) returns
     ``change(d_prev, dz)`` of what it returned (JAX's caches cleared on entry and exit)."""
-    module = importlib.import_module(f"jaxbptt.{cell}")  # (jaxbptt.lstm is the function)
-    cls = getattr(module, f"_{cell.upper()}Cell")
+    cls = type(cell_object(cell))
     good = cls.step_bwd
     monkeypatch.setattr(cls, "step_bwd", staticmethod(lambda *args: change(*good(*args))))
     jax.clear_caches()
