@@ -6,8 +6,9 @@ What is tested:
    equations (written below, the correct BPTT), in float64 at ~1e-12, on random
    shapes including m = 1, T_x = 1, n_x = 1 and a da shorter than x, eagerly and
    under ``jax.jit``, on every device the conftest finds.
-2. The course notebook's published expected values (seed-1 test cases),
-   at the printed precision, and the shapes.
+2. The course notebook's published expected values ("Building your Recurrent
+   Neural Network - Step by Step", Sequence Models week 1, assignment 1; its
+   seed-1 test cases), at the printed precision, and the shapes.
 3. The well-known trap: an lstm_backward that never carries da_prevt / dc_prevt
    (reproducing the old v3 notebook's printed dx, da0 and dWf; its dbi, dbc and dbo
    match neither that nor the correct BPTT) must disagree with ng.lstm_backward,
