@@ -82,13 +82,15 @@ def test_dropout_is_inverted_and_keyed():
     one = jb.stack(layers[:1], xs, dropout=0.5, key=key)[0]  # no dropout after the last layer
     assert rel_err(one, jb.stack(layers[:1], xs)[0]) == 0.0
     # Inverted dropout on the input of every layer but the first, each layer with its own
-    # mask (key l of split(key, L)): the mean input of each is preserved.
+    # mask (key l of split(key, L)): kept with probability 1 - p and scaled by 1 / (1 - p),
+    # so the mean input of each is preserved. (At p = 0.5, 1 - p = p: a rate of 0.2 tells
+    # the two apart.)
     keys = jax.random.split(key, 3)
     h = jb.gru(layers[0], xs)[0]
     for l in (1, 2):
-        keep = jax.random.bernoulli(keys[l], 0.5, h.shape)
-        h = jb.gru(layers[l], jnp.where(keep, h / 0.5, 0.0))[0]
-        assert rel_err(jb.stack(layers[:l + 1], xs, dropout=0.5, key=key)[0], h) < 1e-15, l
+        keep = jax.random.bernoulli(keys[l], 0.8, h.shape)
+        h = jb.gru(layers[l], jnp.where(keep, h / 0.8, 0.0))[0]
+        assert rel_err(jb.stack(layers[:l + 1], xs, dropout=0.2, key=key)[0], h) < 1e-15, l
 
 
 def test_stack_errors():
