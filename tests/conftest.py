@@ -4,6 +4,8 @@ compilation cache for the run, backends from jax.devices()."""
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # The suite runs in several processes (pytest-xdist, `-n auto` in pyproject.toml). On a GPU
@@ -35,10 +37,27 @@ def _cpu_only():
 # `jaxbptt check` (run by CI before the suite) runs with XLA's defaults. Only on CPU-only runs:
 # the flags are global, and XLA's GPU backend does not support -O0. To test with other values,
 # set --xla_backend_optimization_level or --xla_cpu_use_fusion_emitters in XLA_FLAGS yourself.
+# XLA aborts at start on a flag it does not know, and flags come and go between releases:
+# each is tried first in a subprocess (once: the xdist workers and the subprocesses of the
+# tests inherit the result) and left out if this jaxlib refuses it.
+
+
+def _with(flags):
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+def _accepted(flags):
+    env = dict(os.environ, XLA_FLAGS=_with(flags), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                          capture_output=True).returncode == 0
+
+
 if _cpu_only():
-    for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
-        if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+    _new = [f for f in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+            if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
+    if _new and not _accepted(_new):
+        _new = [f for f in _new if _accepted([f])]
+    os.environ["XLA_FLAGS"] = _with(_new)
 
 # Many tests compile the same program (an autodiff reference, a training step) under another
 # Python function, which jit's own cache cannot see: a persistent compilation cache keyed on the
