@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -66,3 +67,12 @@ def write_json(name, data, out=RESULTS):
     with open(path, "w") as f:
         json.dump({"machine": machine(), **data}, f, indent=1)
     return path
+
+
+def paired_ratio(times, ref_times):
+    """``(median, [q1, q3])`` over the rounds of each round's time divided by the reference's
+    time in the same round: ratios taken side by side, which a slow spell of a shared
+    machine moves less than the ratio of two medians."""
+    q = [t / u for t, u in zip(times, ref_times, strict=True)]
+    m = statistics.median(q)
+    return m, (statistics.quantiles(q, n=4)[::2] if len(q) > 1 else [m, m])

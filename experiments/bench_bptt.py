@@ -75,7 +75,7 @@ import numpy as np
 
 import _bench_peers as peers
 import jaxbptt
-from _common import add_out, at_least, int_list, machine, write_json
+from _common import add_out, at_least, int_list, machine, paired_ratio, write_json
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 SHAPES = {
@@ -336,10 +336,7 @@ def paired(rows):
         for ref in PAIRED_REFS:
             if not ts or len(times.get(ref, ())) != len(ts):
                 continue
-            q = [t / u for t, u in zip(ts, times[ref])]
-            m = statistics.median(q)
-            r[f"x_{ref}_paired"] = m
-            r[f"x_{ref}_paired_iqr"] = statistics.quantiles(q, n=4)[::2] if len(q) > 1 else [m, m]
+            r[f"x_{ref}_paired"], r[f"x_{ref}_paired_iqr"] = paired_ratio(ts, times[ref])
     return rows
 
 

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import add_out, at_least, out_path, write_json
+from _common import add_out, at_least, out_path, paired_ratio, write_json
 
 import jaxbptt as jb
 from jaxbptt import _driver, memory
@@ -99,9 +99,7 @@ def main():
         r["median_ms"] = 1e3 * float(np.median(t))
         r["relative"] = float(np.median(t) / base)
         # Side by side: each round's time over the same round's checkpoint K=K0 time.
-        ratios = np.asarray(t) / np.asarray(times[base_i])
-        r["paired"], r["paired_quartiles"] = (float(np.median(ratios)),
-                                              [float(q) for q in np.quantile(ratios, [.25, .75])])
+        r["paired"], r["paired_quartiles"] = paired_ratio(t, times[base_i])
         r["model_relative"] = r["model"] / base_model if r["model"] else None
         fn_ = f"{r['reruns_per_chunk']:.2f}" if r["reruns_per_chunk"] is not None else "-"
         mo = f"{r['model_relative']:.2f}" if r["model_relative"] else "-"

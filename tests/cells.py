@@ -4,7 +4,6 @@ Arrays are drawn with NumPy (no JAX compilation), then handed to JAX.
 """
 
 import contextlib
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxbptt as jb
+from jaxbptt import memory
 
 CELLS = ("rnn", "lstm", "gru-course", "gru-cudnn")
 FN = {"rnn": jb.rnn, "lstm": jb.lstm, "gru-course": jb.gru, "gru-cudnn": jb.gru}
@@ -109,10 +109,7 @@ def rel_err(a, b):
 
 def cell_object(cell):
     """The driver's cell object behind a name of `CELLS` (its class holds the step rules)."""
-    if cell.startswith("gru-"):
-        return importlib.import_module("jaxbptt.gru").GRU_CELLS[cell.removeprefix("gru-")]
-    module = importlib.import_module(f"jaxbptt.{cell}")  # (jaxbptt.lstm is the function)
-    return getattr(module, f"{cell.upper()}_CELL")
+    return memory.cell_of(params(cell, 1, 1))[0]
 
 
 @contextlib.contextmanager
