@@ -635,8 +635,11 @@ def main():
         with open(args.plot) as f:
             run = json.load(f)
         sw = run["sweep"]
+        # named after the JSON: bench_bptt_epyc.json redraws bench_memory_vs_T_epyc.png
+        stem = os.path.splitext(os.path.basename(args.plot))[0]
+        suffix = stem.removeprefix("bench_bptt") if stem.startswith("bench_bptt") else f"_{stem}"
         png = os.path.join(os.path.dirname(os.path.abspath(args.plot)),
-                           f"bench_memory_vs_T{'_quick' if run['quick'] else ''}.png")
+                           f"bench_memory_vs_T{suffix}.png")
         png = plot_sweep(sw["rows"], sw["T"], sw["B"], sw["n_x"], sw["n_a"], png, run["runs"],
                          run["machine"]["backend"], run["machine"].get("env"))
         print(f"wrote {png}")
