@@ -75,7 +75,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import _bench_peers as peers  # noqa: E402
 from bench_bptt import (SHAPES, Notes, Variant, available_peers, compile_jax,  # noqa: E402
-                        geomean, rel_err, time_interleaved, versions)
+                        gemm_peak, geomean, rel_err, time_interleaved, versions)
 
 IMPLS = ("bptt", "autodiff", "scan")
 
@@ -177,6 +177,10 @@ def main():
           f"{args.runs}, warm-up {args.warmup}; "
           + ", ".join(f"{k} {v}" for k, v in versions(avail).items()), flush=True)
     t0 = time.perf_counter()
+    # the machine's state, as bench_bptt.py records it: a slow spell shows in both
+    load0, gemm0 = os.getloadavg(), gemm_peak()
+    print(f"GEMM {gemm0['gflops']:.0f} GFLOP/s on one device; load average {load0[0]:.2f}",
+          flush=True)
     results = {}
     for cell in cells:
         rows = []
@@ -196,10 +200,14 @@ def main():
             print("  all-reduces per call: " + "  ".join(
                 f"{k} {v}" for k, v in r["all_reduces"].items()), flush=True)
         results[cell] = rows
+    gemm1, load1 = gemm_peak(), os.getloadavg()
     print(f"\n{markdown(results, n)}")
-    path = write_json("host_devices.json", {"devices": n, "runs": args.runs,
-                                            "versions": versions(avail), "notes": notes.items,
-                                            "torch_threads": torch_threads, "results": results}, args.out)
+    print(f"\nGEMM {gemm0['gflops']:.0f} -> {gemm1['gflops']:.0f} GFLOP/s; load average "
+          f"{load0[0]:.2f} -> {load1[0]:.2f}")
+    path = write_json("host_devices.json", {
+        "devices": n, "runs": args.runs, "versions": versions(avail), "notes": notes.items,
+        "torch_threads": torch_threads, "gemm_start": gemm0, "gemm_end": gemm1,
+        "loadavg_start": load0, "loadavg_end": load1, "results": results}, args.out)
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
