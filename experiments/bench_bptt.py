@@ -553,7 +553,8 @@ def print_sweep(rows, Ts, B, n_x, n_a):
                 print(f"  {name:<{width - 2}}" + line)
 
 
-def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend, env=None):
+def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, machine):
+    """The memory and time against T PNG; ``machine`` is the JSON's (the title names it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -593,9 +594,11 @@ def plot_sweep(rows, Ts, B, n_x, n_a, path, runs, backend, env=None):
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.86, 0.5),
                fontsize=9)
-    malloc = " ".join(f"{k}={v}" for k, v in (env or {}).items() if k.startswith("MALLOC_"))
+    env = machine.get("env") or {}
+    malloc = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("MALLOC_"))
     fig.suptitle(f"LSTM gradient (params, xs, a0, c0), B={B}, n_x={n_x}, n_a={n_a}, float32, "
-                 f"{backend.upper()}" + (f"\n{malloc}" if malloc else ""))
+                 f"{machine['backend'].upper()}: {machine['cpu']}, {machine['cores']} cores"
+                 + (f"\n{malloc}" if malloc else ""))
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -641,7 +644,7 @@ def main():
         png = os.path.join(os.path.dirname(os.path.abspath(args.plot)),
                            f"bench_memory_vs_T{suffix}.png")
         png = plot_sweep(sw["rows"], sw["T"], sw["B"], sw["n_x"], sw["n_a"], png, run["runs"],
-                         run["machine"]["backend"], run["machine"].get("env"))
+                         run["machine"])
         print(f"wrote {png}")
         return
 
@@ -733,8 +736,7 @@ def main():
     png = None
     if sweep_rows:
         png = plot_sweep(sweep_rows, sweep_Ts, sB, sx, sa,
-                         os.path.join(args.out, f"bench_memory_vs_T{suffix}.png"), runs,
-                         jax.default_backend(), mach["env"])
+                         os.path.join(args.out, f"bench_memory_vs_T{suffix}.png"), runs, mach)
     if notes.items:
         print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes.items))
     load1 = os.getloadavg()
