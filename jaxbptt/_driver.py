@@ -733,7 +733,8 @@ def _bptt_fwd(cell, opts, params, xs, carry0, lengths, probe):
 def _bptt_bwd(cell, opts, residuals, cotangents):
     params, xs, carry0, lengths, saved = residuals
     dhs, dcarry_T = cotangents
-    grads = backward(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths, opts, opts.probe)
+    grads = _backward_compiled(cell, params, xs, carry0, saved, dhs, dcarry_T, lengths, opts,
+                               opts.probe)
     grads = (*_match_vma(grads[:3], (params, xs, carry0)), *grads[3:])
     if opts.probe:
         return (*grads[:3], None, grads[3])  # lengths are integers: no cotangent
@@ -742,22 +743,27 @@ def _bptt_bwd(cell, opts, residuals, cotangents):
 
 _bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
+# A jax.grad outside jit runs the backward rule eagerly, after the forward: through jit it is
+# compiled once per shapes and options instead of traced and compiled anew (its loops' bodies
+# are new closures) at every call. Inlined under an outer jit, which then sees no call.
+_backward_compiled = jax.jit(backward, static_argnums=(0, 8, 9), inline=True)
+
 
 def run(cell, params, xs, state0, *, lengths=None, probe=None, **options):
     """Validates the call and runs ``cell``; returns ``(hs, state_T)`` (`_run`).
 
-    An eager call (no tracer in it: arrays, hashable options) runs compiled, once per
-    shapes and options: the loops' bodies are new closures at every call, which
-    ``lax.scan`` would otherwise trace and compile anew each time.
+    A call of arrays (or tracers) with hashable options runs through `jax.jit`, compiled
+    once per shapes and options: the loops' bodies are new closures at every call, which
+    ``lax.scan`` would otherwise trace and compile anew each time, eagerly and under an
+    eager ``jax.grad`` alike. Under an outer ``jit`` the inner one is inlined.
     """
     arrays = jax.tree.leaves((params, xs, state0, lengths, probe))
-    eager = all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-                for x in arrays)
+    compiled = all(isinstance(x, (jax.Array, np.ndarray)) for x in arrays)
     try:
         hash(tuple(options.values()))
     except TypeError:  # (an unhashable option: `_run` names what is wrong with it)
-        eager = False
-    if eager:
+        compiled = False
+    if compiled:
         return _run_compiled(cell, params, xs, state0, lengths, probe, **options)
     return _run(cell, params, xs, state0, lengths=lengths, probe=probe, **options)
 
@@ -829,4 +835,5 @@ _run_compiled = jax.jit(
     lambda cell, params, xs, state0, lengths, probe, **options: _run(
         cell, params, xs, state0, lengths=lengths, probe=probe, **options),
     static_argnums=0, static_argnames=("n_x", "n_a", "dtype", "backward", "reverse", "truncate",
-                                       "time_major", "residuals", "chunk", "slots"))
+                                       "time_major", "residuals", "chunk", "slots"),
+    inline=True)
