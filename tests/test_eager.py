@@ -28,7 +28,8 @@ def test_eager_calls_compile_once_and_match_jit(cell):
     assert rel_err(first, fn(params, xs, state0, reverse=True)) == 0
 
 
-OPTIONS = {"default": {}, "lengths, reverse, truncate": dict(reverse=True, truncate=3),
+OPTIONS = {"default": {},
+           "lengths, reverse, truncate": dict(lengths=np.array([9, 4, 0]), reverse=True, truncate=3),
            "checkpoint, slots": dict(residuals="checkpoint", chunk=2, slots=2)}
 
 
@@ -38,10 +39,7 @@ def test_eager_grad_compiles_once_and_matches_jit(cell, options, caplog):
     # Its loops' bodies are new closures at every call: it was traced and compiled anew each
     # time (1.26 s per gradient at (100, 32, 64, 128), against 39 ms through jit).
     fn, params, xs, state0 = make(cell, 9, 3, 2, 4)
-    kw = OPTIONS[options]
-    if "truncate" in kw:
-        kw = dict(kw, lengths=jnp.array([9, 4, 0]))
-    loss = lambda p, x, s: jnp.sum(jnp.sin(fn(p, x, s, **kw)[0]))  # noqa: E731
+    loss = lambda p, x, s: jnp.sum(jnp.sin(fn(p, x, s, **OPTIONS[options])[0]))  # noqa: E731
     grad = jax.grad(loss, argnums=(0, 1, 2))
     scales = (1.0, 2.0, -0.5)
     want = [jax.jit(grad)(params, c * xs, state0) for c in scales]
