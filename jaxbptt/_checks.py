@@ -14,11 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def kind_of(x):
+    """What ``x`` is, for a message: ``an array float32(2, 4)`` for an array (or a tracer,
+    as every call's arrays are under jit), else its type's name."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"an array {x.dtype}{tuple(x.shape)}"
+    return type(x).__name__
+
+
 def shape_dtype(where, x):
     """``(shape, dtype)`` of an array, or a TypeError naming ``where``. The dtype is the
     one JAX computes in: a NumPy float64 is float32 when x64 is off, as under jit."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-        raise TypeError(f"{where} must be an array, got {type(x).__name__}")
+        raise TypeError(f"{where} must be an array, got {kind_of(x)}")
     try:
         is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
         dtype = None if is_key else jax.dtypes.canonicalize_dtype(np.dtype(x.dtype))
@@ -42,7 +50,7 @@ def params_type(p, cls, make):
     """``p`` must be a ``cls`` (the NamedTuple a sequence function takes)."""
     if not isinstance(p, cls):
         raise TypeError(f"params must be {cls.__name__} (e.g. from {make}), got "
-                        f"{type(p).__name__}")
+                        f"{kind_of(p)}")
 
 
 def params(p, spec):
@@ -63,6 +71,11 @@ def params(p, spec):
                 f"{where} must have rank {len(dims)} with shape ({', '.join(dims)}), "
                 f"got shape {shape}")
         _float(where, dtype)
+        if dims == ("n_a", "n_a+n_x") and shape[1] <= shape[0]:
+            why = "is it transposed?" if shape[1] < shape[0] else "none for the inputs"
+            raise ValueError(
+                f"{where} has shape {shape}, expected (n_a, n_a+n_x) with n_x >= 1: a weight "
+                f"acting on [a<t-1>; x<t>] has more columns than rows ({why})")
         shapes[field] = (shape, dtype)
 
     def most_common(votes):  # Counter keeps first-seen order among equal counts
@@ -77,6 +90,9 @@ def params(p, spec):
         return n_a, n_x
 
     n_a, n_x = sizes_from(spec)
+    if n_a == 0:
+        raise ValueError(f"{kind}: the hidden size n_a must be >= 1, got shapes "
+                         f"{ {f: s for f, (s, _) in shapes.items()} }")
     if n_x is None or n_x < 1:
         raise ValueError(f"{kind}: cannot read an input size n_x >= 1 from shapes "
                          f"{ {f: s for f, (s, _) in shapes.items()} } with n_a={n_a}")

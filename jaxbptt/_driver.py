@@ -757,6 +757,8 @@ def run(cell, params, xs, state0, *, lengths=None, probe=None, **options):
     ``lax.scan`` would otherwise trace and compile anew each time, eagerly and under an
     eager ``jax.grad`` alike. Under an outer ``jit`` the inner one is inlined.
     """
+    if isinstance(lengths, (list, tuple)):  # as an array, so that the call is compiled once
+        lengths = jnp.asarray(lengths)
     arrays = jax.tree.leaves((params, xs, state0, lengths, probe))
     compiled = all(isinstance(x, (jax.Array, np.ndarray)) for x in arrays)
     try:

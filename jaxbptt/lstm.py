@@ -10,8 +10,9 @@ Forward, with [a<t-1>; x<t>] the concatenation and every W* of shape
     c<t>  = Γf<t> * c<t-1> + Γi<t> * c̃<t>
     a<t>  = Γo<t> * tanh(c<t>)
 
-Backward (the course's equations 7-21), with da<t> = dL/da<t> from step t+1
-plus the output's own cotangent, and dc<t> carried from step t+1::
+Backward (the course's LSTM backward pass), with da<t> = dL/da<t> from step t+1
+plus the output's own cotangent, dc<t> the part of dL/dc<t> carried back from
+step t+1, and dc the whole of it::
 
     dc      = dc<t> + da<t> * Γo * (1 - tanh(c<t>)**2)   # all paths into c<t>
     dzo     = da<t> * tanh(c<t>) * Γo * (1 - Γo)
@@ -24,7 +25,9 @@ plus the output's own cotangent, and dc<t> carried from step t+1::
 
 Inside the loop only the hidden half of the W's is used, fused as one
 (4 n_a, n_a) matrix; the input half acts on a chunk's x<t> in one matmul before
-its steps (and dx, dW* are single matmuls over the chunk after them; `_driver`).
+its steps. So `_LSTMCell.step_bwd` below is one step's equations up to da<t-1>,
+and `_LSTMCell.chunk_grads` gives dx and the dW*, db* of a chunk's steps as single
+matmuls after them; the loops over steps and chunks are `_driver`'s.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ class _LSTMCell(_driver.Gated):
     def check_state(state0, B, n_a, dtype):
         if not isinstance(state0, LSTMState):
             raise TypeError(f"state0 must be an LSTMState(a, c) or None, got "
-                            f"{type(state0).__name__}")
+                            f"{_checks.kind_of(state0)}")
         _checks.state("state0.a", state0.a, B, n_a, dtype)
         _checks.state("state0.c", state0.c, B, n_a, dtype)
 

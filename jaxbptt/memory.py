@@ -177,7 +177,7 @@ def cell_of(params):
         variant = gru_variant(params, None)
         return GRU_CELLS[variant], _spec(variant)
     raise TypeError(f"params must be RNNParams, LSTMParams or GRUParams, got "
-                    f"{type(params).__name__}")
+                    f"{_checks.kind_of(params)}")
 
 
 def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:

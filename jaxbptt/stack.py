@@ -37,7 +37,7 @@ def _describe(layers):
     if one or not isinstance(layers, (tuple, list)) or not layers:
         raise TypeError("layers must be a non-empty tuple with one entry per layer, each a "
                         "cell's params or a Bidirectional(fwd, bwd) pair, got "
-                        f"{type(layers).__name__}"
+                        f"{_checks.kind_of(layers)}"
                         + (f" (one layer: pass ({type(layers).__name__}(...),))" if one else ""))
     kinds = {type(p) for layer in layers for p in _directions(layer)}
     if len(kinds) != 1 or next(iter(kinds)) not in _CELLS:
@@ -97,7 +97,7 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
     fn, kind, D, n_a = _describe(layers)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)):
         raise TypeError(f"dropout must be a Python float (a static rate, not traced), got "
-                        f"{type(dropout).__name__}")
+                        f"{_checks.kind_of(dropout)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:
@@ -114,7 +114,7 @@ def stack(layers, xs, init=None, *, lengths=None, backward: str = "bptt",
         init = LSTMState(zeros, zeros) if kind is LSTMParams else zeros
     if kind is LSTMParams and not isinstance(init, LSTMState):
         raise TypeError(f"init must be an LSTMState of two (layers*D, B, n_a) arrays for "
-                        f"an LSTM stack, got {type(init).__name__}")
+                        f"an LSTM stack, got {_checks.kind_of(init)}")
     for leaf in init if kind is LSTMParams else (init,):
         if _checks.shape_dtype("init", leaf)[0] != (L * D, B, n_a):
             raise ValueError(f"init has shape {tuple(leaf.shape)}, expected (layers * D, B, "

@@ -28,6 +28,20 @@ def test_eager_calls_compile_once_and_match_jit(cell):
     assert rel_err(first, fn(params, xs, state0, reverse=True)) == 0
 
 
+def test_lengths_as_a_list_compile_once(caplog):
+    # A list is taken as the array it holds: not a new trace and compilation at every call
+    # (0.3 s per LSTM forward at (50, 8, 16, 32), and 0.45 s per gradient, before).
+    fn, params, xs, state0 = make("lstm", 7, 3, 2, 4)
+    want = fn(params, xs, state0, lengths=np.array([7, 3, 0]))
+    assert rel_err(fn(params, xs, state0, lengths=[7, 3, 0]), want) == 0  # compiles
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for lengths in ([7, 3, 0], (7, 3, 0), [6, 2, 1]):
+            got = fn(params, xs, state0, lengths=lengths)
+    assert not [r.message for r in caplog.records if "ompil" in r.message]
+    assert rel_err(got, fn(params, xs, state0, lengths=np.array([6, 2, 1]))) == 0
+
+
 OPTIONS = {"default": {},
            "lengths, reverse, truncate": dict(lengths=np.array([9, 4, 0]), reverse=True, truncate=3),
            "checkpoint, slots": dict(residuals="checkpoint", chunk=2, slots=2)}

@@ -238,6 +238,38 @@ def test_torch_tensors_are_named():
         jb.rnn(params, xs, a0, lengths=jax.random.split(jax.random.key(0), 2))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru-course", "gru-cudnn"])
+def test_params_transposed_weights(cell):
+    # every weight on [a<t-1>; x<t>] transposed: named as such, not read as n_x < 0
+    fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
+    bad = params._replace(**{f: getattr(params, f).T for f in params._fields
+                             if f[0] == "W" and getattr(params, f).shape[1] == 8})
+    field = next(f for f in params._fields if f[0] == "W" and getattr(params, f).shape[1] == 8)
+    _raises(ValueError, [f"{type(params).__name__}.{field} has shape (8, 5)",
+                         "(n_a, n_a+n_x)", "is it transposed?"], fn, bad, xs, state0)
+
+
+def test_hidden_size_zero():
+    xs = jnp.zeros((4, 2, 3))
+    params = jb.RNNParams(jnp.zeros((0, 3)), jnp.zeros((0, 0)), jnp.zeros((0,)))
+    _raises(ValueError, ["RNNParams: the hidden size n_a must be >= 1", "'Waa': (0, 0)"],
+            jb.rnn, params, xs)
+
+
+def test_arrays_where_a_structure_belongs():
+    # eagerly too the call runs through jit, where arrays are tracers: the message names the
+    # array's dtype and shape, not the tracer's type
+    fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
+    _raises(TypeError, ["state0 must be an LSTMState(a, c) or None, got an array "
+                        "float64(2, 5)"], fn, params, xs, state0.a)
+    _raises(TypeError, ["params must be LSTMParams (e.g. from jb.init_lstm), got an array "
+                        "float64(5, 8)"], fn, params.Wf, xs)
+    for p in (params.Wf, jnp.float64(0.0)):
+        with pytest.raises(TypeError) as info:
+            jb.residual_plan(p, xs, 1 << 20)
+        assert "Tracer" not in str(info.value) and "got an array float64" in str(info.value)
+
+
 def test_params_of_another_cell():
     fn, params, xs, state0 = make("lstm", 4, 2, 3, 5)
     rnn_params = make("rnn", 4, 2, 3, 5)[1]
@@ -269,7 +301,10 @@ def test_params_without_inputs(cell):
     fn, params, xs, state0 = make(cell, 4, 2, 3, 5)
     if cell == "rnn":
         bad = params._replace(Wax=params.Wax[:, :0])
+        message = r"cannot read an input size n_x >= 1 from shapes"
     else:
         bad = jb.LSTMParams(*(w[:, :5] if w.ndim == 2 else w for w in params))
-    with pytest.raises(ValueError, match=r"cannot read an input size n_x >= 1 from shapes"):
+        message = (r"LSTMParams.Wf has shape \(5, 5\), expected \(n_a, n_a\+n_x\) with "
+                   r"n_x >= 1: .* \(none for the inputs\)")
+    with pytest.raises(ValueError, match=message):
         fn(bad, xs[..., :0], state0)
