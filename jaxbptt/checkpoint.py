@@ -1,5 +1,8 @@
 """Atomic, pickle-free checkpoints: one ``.npz`` of arrays plus a JSON manifest.
 
+(Training checkpoints on disk. The ``residuals="checkpoint"`` policy, which reruns
+the forward chunk by chunk in the backward, is in `jaxbptt._driver`.)
+
 A checkpoint is a directory ``ckpt-<step>``, written under a temporary name and
 renamed into place (atomic on POSIX), after ``fsync``: a crash mid-save leaves a
 stray temporary directory (removed by the next save), never a checkpoint that loads

@@ -34,23 +34,28 @@ def _check(args) -> int:
         print(_table(results, args.verbose))
     print(f"{len(results) - len(failed)}/{len(results)} checks passed "
           f"({', '.join(f'{c} {v}' for c, v in cells)}) in {elapsed:.1f} s"
-          + (f"; FAILED: {', '.join(f'{r.cell} {r.variant} {r.dtype} {r.backend}' for r in failed)}"
-             if failed else ""), file=sys.stderr if args.json else sys.stdout)
+          + (f"; FAILED: {', '.join(_label(r) for r in failed)}" if failed else ""),
+          file=sys.stderr if args.json else sys.stdout)
     return 1 if failed else 0
 
 
+def _label(r) -> str:
+    return f"{r.cell} {r.variant} {r.dtype} {r.backend} {r.case}"
+
+
 def _table(results, verbose) -> str:
-    head = ["cell", "variant", "dtype", "backend", "params", "xs", "a0", "c0", "tol", "ok"]
+    head = ["cell", "variant", "dtype", "backend", "case", "params", "xs", "a0", "c0", "tol",
+            "ok"]
     rows = []
     for r in results:
         params = max(v for k, v in r.errors.items() if "." in k)
-        cells = [r.cell, r.variant, r.dtype, r.backend, f"{params:.1e}",
+        cells = [r.cell, r.variant, r.dtype, r.backend, r.case, f"{params:.1e}",
                  f"{r.errors['xs']:.1e}", f"{r.errors['a0']:.1e}",
                  f"{r.errors['c0']:.1e}" if "c0" in r.errors else "-",
                  f"{r.tolerance:.0e}", "ok" if r.ok else "FAIL"]
         rows.append(cells)
         if verbose:
-            rows += [["", "", "", "", f"{k}: {v:.2e}", "", "", "", "", ""]
+            rows += [["", "", "", "", "", f"{k}: {v:.2e}", "", "", "", "", ""]
                      for k, v in r.errors.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

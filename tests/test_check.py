@@ -10,7 +10,7 @@ from cells import broken_backward
 
 
 def _result(errors):
-    return check.Result("rnn", "tanh", "float64", "cpu", errors, 1e-12)
+    return check.Result("rnn", "tanh", "float64", "cpu", "default", errors, 1e-12)
 
 
 def test_the_worst_error_decides_and_nan_fails():

@@ -15,5 +15,9 @@ def test_quick_example_trains(capsys):
     with jax.enable_x64(False):  # the example is float32, as users run it
         namespace = {}
         exec(compile(example, str(README), "exec"), namespace)
-    assert namespace["value"] < math.log(8) - 0.05
+    # The loss the README states, within a quarter of it (float32 sums and products differ
+    # between CPUs, and GPUs multiply float32 in TF32 by default).
+    stated = float(re.search(r"# about (\d+\.\d+)", example).group(1))
+    assert stated < math.log(8) - 0.05
+    assert abs(float(namespace["value"]) - stated) <= 0.25 * stated
     assert "loss at step 100" in capsys.readouterr().out
