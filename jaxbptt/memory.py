@@ -91,17 +91,19 @@ def plan_bytes(policy, K, T, fp, slots=None):
 
 
 # Time of each policy relative to "gates" at the same chunk (experiments/RESULTS.md), and
-# the cost of short chunks: each chunk adds a fixed overhead of about one step.
+# the cost of short chunks: each chunk adds a fixed overhead of about one step, so n chunks
+# cost (1 + n/T), 1 + 1/K when K divides T. (A K that does not, with as many chunks as a
+# divisor's, costs more: it keeps more, and its shorter last chunk is a second trace.)
 _RELATIVE_TIME = {"gates": 1.0, "states": 1.2, "checkpoint": 1.3}
 _MAX_SLOT_CHUNK = 64  # the longest chunk the planner pairs with slots
 
 
 def _time(p, T):
     base = _RELATIVE_TIME[p.residuals]
+    n = -(-T // p.chunk)
     if p.slots is not None:  # each chunk forward rerun costs what "checkpoint" adds per chunk
-        n = -(-T // p.chunk)
         base += (_RELATIVE_TIME["checkpoint"] - 1) * _slots.cost(n, p.slots) / n
-    return base * (1 + 1 / p.chunk)
+    return base * (1 + n / T)
 
 
 def _slot_plans(T, fp, budget):
@@ -129,11 +131,13 @@ def plan(T, fp, budget, default_chunk=_driver.CHUNK):
 
     The candidates are every policy at every chunk K (up to its default for
     "gates" and "states", whose transients only grow with K); the estimated time
-    is ``_RELATIVE_TIME[policy] * (1 + 1/K)``. For "checkpoint" this chooses how many
+    is ``_RELATIVE_TIME[policy] * (1 + n/T)`` for n = ceil(T/K) chunks (1 + 1/K when K
+    divides T; of two K with as many chunks, the smaller, which keeps less, wins). For
+    "checkpoint" this chooses how many
     states to keep, ceil(T/K). With slots, "checkpoint" at any K up to 64 keeps as many chunk
     starts as the budget leaves room for, placed by Gruslys et al.'s programme
     (`jaxbptt.slots`), each chunk forward rerun priced as "checkpoint"'s own rerun:
-    (1.3 + 0.3 F / n) (1 + 1/K) for F reruns of n chunks. (Nested checkpointing,
+    (1.3 + 0.3 F / n) (1 + n/T) for F reruns of n chunks. (Nested checkpointing,
     ``chunk=(K1, K2, ...)``, is one schedule of the same kind with as many slots,
     never fewer forwards, and more memory; the plan does not offer it.)
     Past a few steps, the least memory is one-step chunks with one slot (an LSTM at

@@ -8,6 +8,7 @@ import pytest
 import jaxbptt as jb
 from jaxbptt import memory, slots
 from jaxbptt.lstm import LSTM_CELL
+from jaxbptt.rnn import RNN_CELL
 from cells import CELLS, cotangents, make, rel_err, vjp
 
 
@@ -128,6 +129,18 @@ def test_plan_prefers_speed_and_respects_the_budget():
     assert plan.residuals == "checkpoint"
 
 
+def test_plan_takes_the_smaller_chunk_of_as_many():
+    # An RNN at T = 100 under 16 MiB: 88 steps fit, but run as 88 + 12, two chunks as 50 + 50
+    # are, for more memory and a second trace of the loops. Two chunks of 50 are planned.
+    T, budget = 100, 16 << 20
+    _, params, xs, _ = make("rnn", T, 32, 64, 128)
+    plan = jb.residual_plan(params, xs, budget)
+    fp = memory.footprint(RNN_CELL, params, 32, 64, 128, np.float64)
+    fitting = [K for K in range(1, T + 1) if memory.plan_bytes("gates", K, T, fp) <= budget]
+    assert max(fitting) not in (T // 2, T), fitting  # a chunk that does not divide T fits
+    assert (plan.residuals, plan.chunk) == ("gates", -(-T // -(-T // max(fitting))))
+
+
 def test_slot_plans_count_the_starts_the_forward_keeps():
     # With m slots the forward keeps m + 1 chunk starts (one a scratch slot) where plain
     # "checkpoint" keeps all n; the estimate differs by as many states, and by the
@@ -150,7 +163,7 @@ def test_slot_plans_count_the_starts_the_forward_keeps():
 
 
 def test_reruns_are_priced_as_checkpoint_s_own():
-    # A plan with slots: (1.3 + 0.3 F/n) (1 + 1/K), F = slots.cost(n, m) chunk reruns.
+    # A plan with slots: (1.3 + 0.3 F/n) (1 + n/T), F = slots.cost(n, m) chunk reruns.
     T = 1000
     _, params, xs, _ = make("lstm", T, 8, 4, 16)
     fp = memory.footprint(LSTM_CELL, params, 8, 4, 16, np.float64)
@@ -160,7 +173,7 @@ def test_reruns_are_priced_as_checkpoint_s_own():
         slots.cost(-(-T // p.chunk), p.slots) > 0 for p in plans)
     for p in plans:
         n = -(-T // p.chunk)
-        want = (1.3 + 0.3 * slots.cost(n, p.slots) / n) * (1 + 1 / p.chunk)
+        want = (1.3 + 0.3 * slots.cost(n, p.slots) / n) * (1 + n / T)
         assert memory._time(p, T) == pytest.approx(want, rel=1e-15), p
     assert jb.residual_plan(params, xs, budget) == min(
         (p for p in plans if p.bytes <= budget), key=lambda p: (memory._time(p, T), p.bytes))
