@@ -1,8 +1,8 @@
 """Self-check: the hand-derived BPTT against ``jax.grad`` of the same forward.
 
 For every cell and variant, on every platform JAX sees, in float64 (where the
-platform has it) and float32: a random problem of 13 steps (for the LSTM and GRU,
-a chunk of 8 and a shorter one of 5), the loss ``sum(hs * w) + sum(state_T * v)``
+platform has it) and float32: a random problem of 19 steps (for the LSTM and GRU,
+chunks of 8, 8 and a shorter 3), the loss ``sum(hs * w) + sum(state_T * v)``
 (cotangents on every output), and the normwise relative error
 ``max|g_bptt - g_autodiff| / max|g_autodiff|`` of each gradient, both computed under
 ``jit``; once with the default options and once with the sequence options and a
@@ -23,8 +23,8 @@ from jaxbptt.rnn import init_rnn, rnn
 
 #: (cell, variant) pairs the library implements.
 CELLS = (("rnn", "tanh"), ("lstm", "course"), ("gru", "course"), ("gru", "cudnn"))
-#: The options of each case: the defaults, and a ragged batch (lengths 13, 9, 1) run in
-#: reverse, truncated every 5 steps, with `"checkpoint"` over chunks of 4 (3 and a last of 1).
+#: The options of each case: the defaults, and a ragged batch (lengths 19, 15, 1) run in
+#: reverse, truncated every 5 steps, with `"checkpoint"` over chunks of 4 (4 and a last of 3).
 CASES = {"default": {}, "options": dict(reverse=True, truncate=5, residuals="checkpoint",
                                         chunk=4)}
 #: Largest normwise relative error accepted, by dtype.
@@ -51,7 +51,7 @@ class Result:
         return bool(np.isfinite(self.worst) and self.worst <= self.tolerance)
 
 
-def problem(cell, variant, dtype, key, T=13, B=3, n_x=4, n_a=5):
+def problem(cell, variant, dtype, key, T=19, B=3, n_x=4, n_a=5):
     """``(fn, params, xs, state0)`` for a random, non-saturated problem."""
     ks = jax.random.split(key, 5)
     if cell == "rnn":

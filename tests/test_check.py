@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbptt import check
+from jaxbptt import _driver, check
 from jaxbptt.lstm import LSTMState, lstm
 from cells import broken_backward
 
@@ -23,6 +23,16 @@ def test_the_worst_error_decides_and_nan_fails():
 def test_relative_error_is_normwise():
     assert check.relative_error([1.0, 2.0], [1.0, 4.0]) == 0.5  # 2 / max|ref|
     assert check.relative_error(np.ones(3), np.zeros(3)) == 1.0  # against a zero gradient
+
+
+def test_the_problem_crosses_chunks():
+    # The default case runs the LSTM and GRU over chunks of 8, 8 and a shorter 3; the options
+    # case runs every cell over chunks of 4 and a last of 3, with three lengths.
+    _, _, xs, _ = check.problem("lstm", "course", jnp.float64, jax.random.PRNGKey(0))
+    T = xs.shape[0]
+    assert _driver.chunk_size(T, _driver.Options()) == 8 and T % 8 == 3
+    assert check.CASES["options"]["chunk"] == 4 and T % 4 == 3
+    assert check.lengths_for("options", xs).tolist() == [T, T - 4, 1]
 
 
 def test_one_device_per_platform():
