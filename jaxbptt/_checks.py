@@ -191,9 +191,7 @@ def lengths(x, B, T):
     past T means T (the padding of the last chunk is never a valid step)."""
     if x is None:
         return None
-    if isinstance(x, (list, tuple)):
-        x = jnp.asarray(x)
-    shape, dtype = shape_dtype("lengths", x)
+    shape, dtype = shape_dtype("lengths", x)  # (a list is an array by now: `_driver.run`)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"lengths must be integers, got {dtype}")
     if shape != (B,):
@@ -232,7 +230,7 @@ def key(k, where="key"):
     else:
         ok = False
     if not ok:
-        got = (f"an array {k.dtype}{tuple(k.shape)}" if array else f"{type(k).__name__} {k!r}")
+        got = kind_of(k) if array else f"{type(k).__name__} {k!r}"
         raise TypeError(f"{where} must be one PRNG key, e.g. jax.random.key(0) or "
                         f"jax.random.PRNGKey(0), got {got}")
 
