@@ -280,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="compare the hand-derived BPTT with jax.grad on every cell and backend",
         description="For every cell and variant, on every JAX backend present, compare the "
         "hand-derived BPTT gradients with jax.grad of the autodiff path under jit, in float64 "
-        "(where supported) and float32. Exits 1 on a mismatch.", formatter_class=fmt)
+        "(where supported) and float32, over 19 steps: with the default options, and with "
+        "lengths, reverse, truncate and residuals='checkpoint'. Exits 1 on a mismatch.", formatter_class=fmt)
     p.add_argument("--cell", action="append", choices=sorted({c for c, _ in check.CELLS}),
                    help="check only this cell (repeatable; default: every cell)")
     p.add_argument("--seed", type=_at_least(0), default=0,
