@@ -375,6 +375,11 @@ def _train(config, out, task, log, progress, interrupt):
         log(f"resuming from step {start} ({ckpt_dir})")
     params, opt_state = put_params((params, opt_state))
     step_fn = make_step(config, task)
+    if start < config.steps and not interrupt.requested:
+        # Compiled here, still "starting" (the longest wait before the first step): a
+        # Ctrl-C meanwhile stops the run with nothing saved. The loop's calls reuse it.
+        step_fn.lower(params, opt_state,
+                      put_batch(task.batch(config.seed, start, config.batch))).compile()
     key = jax.random.PRNGKey(config.seed)
     k_during, k_final = jax.random.split(jax.random.fold_in(key, 1))  # sampling only
 

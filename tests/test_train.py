@@ -638,6 +638,34 @@ def test_ctrl_c_before_the_first_step_writes_nothing(tmp_path):
     assert _train(tmp_path, "py", task="charlm", steps=20)["resumed_from"] == 0
 
 
+_STOP_AFTER_STEP_COMPILE = """
+import os, signal, sys
+import jax
+from jaxbptt import cli
+
+def sigint_once_step_compiled(event, duration, fun_name=None, **kw):
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(step)":
+        os.kill(os.getpid(), signal.SIGINT)
+
+jax.monitoring.register_event_duration_secs_listener(sigint_once_step_compiled)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_step_compiles_writes_nothing(tmp_path):
+    # The training step's compile, the longest wait before the first step, belongs to
+    # the start: a Ctrl-C as it ends (sent by JAX's compile-event listener) stops the run
+    # with nothing saved, rather than running and saving step 1 (as it did when the step
+    # compiled at its first call, inside the loop).
+    argv = _cli(tmp_path / "cli", 20)[3:]
+    proc = subprocess.run([sys.executable, "-c", _STOP_AFTER_STEP_COMPILE, *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().endswith("interrupted before the first step: nothing was saved")
+    assert not checkpoint.list_checkpoints(str(tmp_path / "cli" / "checkpoints"))
+    assert set(os.listdir(tmp_path / "cli")) <= {".lock", "checkpoints"}
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root writes to a read-only directory")
 def test_a_checkpoints_directory_it_cannot_write_to_is_refused_before_training(tmp_path):
