@@ -604,6 +604,18 @@ def _after_a_ctrl_c(fn):
     return called
 
 
+def _cli_stops_before_the_first_step(out, script):
+    """Runs ``script`` (which sends a Ctrl-C, then calls the CLI) on a charlm run in ``out``:
+    it exits at once, status 130, with one line, no traceback and nothing written."""
+    proc = subprocess.run([sys.executable, "-c", script, *_cli(out, 20)[3:]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().endswith("interrupted before the first step: nothing was saved")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not checkpoint.list_checkpoints(str(out / "checkpoints"))
+    assert set(os.listdir(out)) <= {".lock", "checkpoints"}
+
+
 _STOP_DURING_INIT = """
 import os, signal, sys
 from jaxbptt import cli, train
@@ -620,14 +632,7 @@ def test_ctrl_c_before_the_first_step_writes_nothing(tmp_path):
     # From the command line: it exits at once, status 130, with one line and no traceback.
     # From Python: the run returns before its first step, interrupted. Either way nothing
     # is written, and the run starts afresh next time.
-    argv = _cli(tmp_path / "cli", 20)[3:]
-    proc = subprocess.run([sys.executable, "-c", _STOP_DURING_INIT, *argv],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip().endswith("interrupted before the first step: nothing was saved")
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert not checkpoint.list_checkpoints(str(tmp_path / "cli" / "checkpoints"))
-    assert set(os.listdir(tmp_path / "cli")) <= {".lock", "checkpoints"}
+    _cli_stops_before_the_first_step(tmp_path / "cli", _STOP_DURING_INIT)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(train, "init", _after_a_ctrl_c(train.init))
@@ -657,13 +662,7 @@ def test_ctrl_c_while_the_step_compiles_writes_nothing(tmp_path):
     # the start: a Ctrl-C as it ends (sent by JAX's compile-event listener) stops the run
     # with nothing saved, rather than running and saving step 1 (as it did when the step
     # compiled at its first call, inside the loop).
-    argv = _cli(tmp_path / "cli", 20)[3:]
-    proc = subprocess.run([sys.executable, "-c", _STOP_AFTER_STEP_COMPILE, *argv],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip().endswith("interrupted before the first step: nothing was saved")
-    assert not checkpoint.list_checkpoints(str(tmp_path / "cli" / "checkpoints"))
-    assert set(os.listdir(tmp_path / "cli")) <= {".lock", "checkpoints"}
+    _cli_stops_before_the_first_step(tmp_path / "cli", _STOP_AFTER_STEP_COMPILE)
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
