@@ -58,7 +58,9 @@ def plan_bytes(policy, K, T, fp, slots=None):
     """What ``policy`` keeps through the backward, plus its transients, in bytes.
 
     Kept, per step: the states s, outputs y or residuals r the policy keeps for this
-    cell (`_driver._keeps`), and the state s entering each of the ceil(T/K) chunks.
+    cell (`_driver._keeps`), and the state s entering each of the ceil(T/K) chunks
+    (kept by the forward, or picked from the kept states by the backward, into a
+    buffer of their own).
     Transient: a chunk's pre-activations, deltas and their transpose (3 z), input
     gradients (x), the previous states (s), and what the backward rebuilds: the
     residuals (r) and the states (s), unless kept, and the previous outputs (y)
@@ -70,8 +72,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     chunk at every level but the innermost, and the innermost chunk's transients
     as above. With ``slots`` = m < ceil(T/K): m + 1 chunk starts (a scratch slot),
     and the reruns' input projections (K z), which XLA keeps apart.
-    XLA's temp memory was 0.82-1.03x this for the LSTM, 0.85-1.10x for the GRU and
-    0.68-1.15x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py); for
+    XLA's temp memory was 0.82-1.03x this for the LSTM, 0.85-1.08x for the GRU and
+    0.68-1.14x for the RNN, at T from 50 to 1021 (experiments/memory_estimate.py); for
     one-step chunks with one to four slots, 0.91-0.99x, 0.80-0.82x and 0.54-0.61x.
     """
     sizes = K if isinstance(K, tuple) else (K,)
@@ -80,8 +82,8 @@ def plan_bytes(policy, K, T, fp, slots=None):
     per_step = {"states": fp.s, "outputs": fp.y, "res": fp.r}
     reruns = slots is not None and slots < n  # (slots >= n keeps every start: plain)
     starts = slots + 1 if reruns else n
-    kept = (sum(T * per_step[k] for k in keep if k in per_step)
-            + starts * fp.s * ("starts" in keep))
+    kept = (sum(T * per_step[k] for k in keep if k in per_step)  # the chunk starts: kept,
+            + starts * fp.s * ("starts" in keep or "states" in keep))  # or picked from states
     rebuilt = (fp.s + (fp.r if "res" not in keep else 0) + (fp.s if "states" not in keep else 0)
                + (fp.y if "outputs" in keep else 0))
     nested = sum(outer // inner * fp.s for outer, inner in zip(sizes, sizes[1:]))
@@ -197,7 +199,7 @@ def residual_plan(params, xs, budget: int, *, time_major: bool = True) -> Plan:
       a `Plan` ``(residuals, chunk, bytes, slots)``: the policy, the steps per
       chunk, the estimated bytes kept (what stays alive through the backward plus
       one chunk's transients and the weight-sized buffers: an estimate, XLA's
-      ``temp_size_in_bytes`` came 0.54-1.15x it, see the README) and,
+      ``temp_size_in_bytes`` came 0.54-1.14x it, see the README) and,
       for ``"checkpoint"`` keeping fewer chunk starts than chunks, how many.
 
     Raises:

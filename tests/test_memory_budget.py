@@ -218,3 +218,24 @@ def test_estimate_tracks_xla_temp_memory():
         lambda p, x: loss(p, x, residuals="checkpoint", chunk=(40, 8)))).lower(params, xs).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert 0.85 * est < temp < 1.15 * est, (est, temp)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_estimate_grows_with_T_as_xla_temp_memory(cell):
+    # What each policy keeps per step and per chunk: the growth of XLA's temp memory from
+    # T to 2T (the transients cancel) against the estimate's, at 4-step chunks, where a
+    # missing chunk start per chunk would be a quarter of a state per step.
+    B, n_x, n_a, K = 8, 4, 16, 4
+
+    def temp(T, policy):
+        fn, params, xs, state0 = make(cell, T, B, n_x, n_a, dtype=np.float32)
+        loss = lambda p: jnp.sum(fn(p, xs, state0, residuals=policy, chunk=K)[0])  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    _, params, _, _ = make(cell, 1, B, n_x, n_a, dtype=np.float32)
+    obj, _ = memory.cell_of(params)
+    fp = memory.footprint(obj, params, B, n_x, n_a, jnp.float32)
+    for policy in jb.RESIDUAL_POLICIES:
+        xla = temp(512, policy) - temp(256, policy)
+        est = memory.plan_bytes(policy, K, 512, fp) - memory.plan_bytes(policy, K, 256, fp)
+        assert abs(xla - est) <= 0.02 * est, (policy, xla, est)
