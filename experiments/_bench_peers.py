@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 import jaxbptt as jb
+from jaxbptt.interop import _cell_to_torch
 
 CELLS = ("lstm", "gru", "rnn")
 
@@ -156,15 +157,15 @@ def remat_setup(cell, key, n_x, n_a, a0, c0):
 
 # --- Flax linen ------------------------------------------------------------------------------
 
-def flax_setup(cell, key, n_x, n_a, a0, c0):
-    """nn.RNN(<Flax cell>(n_a), time_major=True): OptimizedLSTMCell, GRUCell, SimpleCell."""
+def flax_setup(cell, params, a0, c0):
+    """nn.RNN(<Flax cell>(n_a), time_major=True): OptimizedLSTMCell, GRUCell, SimpleCell,
+    with jaxbptt's weights ``params`` (so that its gradients can be checked against theirs)."""
     from flax import linen as nn
 
     make = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell]
-    model = nn.RNN(make(n_a), time_major=True)
+    model = nn.RNN(make(a0.shape[1]), time_major=True)
     carry0 = (c0, a0) if cell == "lstm" else a0  # Flax's LSTM carry is (c, h)
-    variables = model.init(key, jnp.zeros((2, a0.shape[0], n_x), jnp.float32),
-                           initial_carry=carry0)
+    variables = {"params": {"cell": jb.interop.to_flax(params, model.cell)["params"]}}
     return (lambda v, xs, s0: model.apply(v, xs, initial_carry=s0)), variables, carry0
 
 
@@ -174,16 +175,23 @@ class Unsupported(Exception):
     """The peer has no such cell."""
 
 
-def equinox_setup(cell, key, n_x, n_a, a0, c0):
-    """eqx.nn.LSTMCell / GRUCell, vmapped over the batch and scanned over time."""
+def equinox_setup(cell, params, n_x, n_a, a0, c0):
+    """eqx.nn.LSTMCell / GRUCell, vmapped over the batch and scanned over time, with
+    jaxbptt's weights ``params`` (Equinox lays them out as PyTorch does, with one bias per
+    gate but the GRU's n gate, whose hidden-side bias is ``bias_n``)."""
     import equinox as eqx
 
-    if cell == "lstm":
-        module = eqx.nn.LSTMCell(n_x, n_a, key=key)
-    elif cell == "gru":
-        module = eqx.nn.GRUCell(n_x, n_a, key=key)
-    else:
+    if cell == "rnn":
         raise Unsupported("equinox has no plain RNN cell")
+    make = {"lstm": eqx.nn.LSTMCell, "gru": eqx.nn.GRUCell}[cell]
+    module = make(n_x, n_a, key=jax.random.PRNGKey(0))
+    mode = {"lstm": "LSTM", "gru": "GRU"}[cell]
+    zeros = np.zeros(module.weight_hh.shape[0], np.float32)  # all of the bias on the input side
+    w_ih, w_hh, b_ih, b_hh = _cell_to_torch(mode, jax.tree.map(np.asarray, params), n_a, zeros)
+    weights = [w_ih, w_hh, b_ih] + ([b_hh[2 * n_a:]] if cell == "gru" else [])
+    module = eqx.tree_at(lambda m: [m.weight_ih, m.weight_hh, m.bias]
+                         + ([m.bias_n] if cell == "gru" else []), module,
+                         [jnp.asarray(x, jnp.float32) for x in weights])
     params, static = eqx.partition(module, eqx.is_array)
 
     def fwd(params, xs, s0):
@@ -292,9 +300,10 @@ def products_setup(cell, key, T, B, n_x, n_a, a0, w, steps_only=False):
 
 # --- PyTorch ---------------------------------------------------------------------------------
 
-def torch_setup(cell, n_x, n_a, xs, a0, c0, w, onednn=True):
-    """nn.LSTM / GRU / RNN (tanh), float32 CPU. Returns ``run()``: forward + backward once,
-    gradients for the parameters, the inputs and h0 (and c0), as the JAX variants.
+def torch_setup(cell, params, xs, a0, c0, w, onednn=True):
+    """nn.LSTM / GRU / RNN (tanh), float32 CPU, with jaxbptt's weights ``params``. Returns
+    ``run()``: forward + backward once, gradients for the parameters, the inputs and h0 (and
+    c0), as the JAX variants; it returns those of the inputs and the initial state.
 
     On the CPU, PyTorch runs nn.LSTM through oneDNN's fused RNN primitive when oneDNN
     is enabled (its default); ``onednn=False`` runs the call under
@@ -306,7 +315,9 @@ def torch_setup(cell, n_x, n_a, xs, a0, c0, w, onednn=True):
     import torch
 
     torch.manual_seed(0)
+    n_x, n_a = xs.shape[-1], a0.shape[-1]
     module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](n_x, n_a)
+    jb.interop.to_torch((jax.tree.map(np.asarray, params),), module)
     t = lambda x: torch.tensor(np.array(x, dtype=np.float32))  # noqa: E731
     xs_t = t(xs).requires_grad_()
     h0 = t(a0)[None].requires_grad_()
@@ -320,6 +331,6 @@ def torch_setup(cell, n_x, n_a, xs, a0, c0, w, onednn=True):
         with contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False):
             hs, _ = module(xs_t, (h0, c0_t) if cell == "lstm" else h0)
             (hs * w_t).sum().backward()
-        return leaves[0].grad
+        return [leaf.grad for leaf in leaves[-3 if cell == "lstm" else -2:]]
 
     return run

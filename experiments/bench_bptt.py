@@ -21,7 +21,8 @@ state(s), float32, for:
   scan            the textbook lax.scan a user would write: each step's gates from [a; x]
                   (one matmul in the loop), jax.nn.sigmoid, autodiff; often leaner and
                   faster than the hoisted form above, so both are reference points
-  remat           a plain lax.scan of the same cell, jax.checkpoint around the step (autodiff)
+  remat           autodiff's hoisted form (the projection before the loop), with
+                  jax.checkpoint around the step
   flax            flax.linen nn.RNN(OptimizedLSTMCell / GRUCell / SimpleCell), time_major
   equinox         eqx.nn.LSTMCell / GRUCell, vmapped over the batch, scanned over time
   products        not a gradient: the matmuls of bptt[gates]'s layout alone (per chunk the
@@ -163,7 +164,7 @@ class Variant:
     def __init__(self, name, kind, run, temp_bytes=None, compiled=None):
         self.name, self.kind, self.run, self.temp_bytes = name, kind, run, temp_bytes
         self.compiled = compiled  # the XLA executable (JAX variants)
-        self.out = None  # the gradients of the first warm-up run (JAX variants)
+        self.out = None  # what the first warm-up run returned (the gradients)
 
 
 def compile_jax(name, fwd, params, xs, state0, w):
@@ -210,9 +211,9 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True,
     specs.append(("scan", lambda: peers.scan_setup(cell, k[4], n_x, n_a, a0, c0)))
     specs.append(("remat", lambda: peers.remat_setup(cell, k[4], n_x, n_a, a0, c0)))
     if avail.get("flax"):
-        specs.append(("flax", lambda: peers.flax_setup(cell, k[5], n_x, n_a, a0, c0)))
+        specs.append(("flax", lambda: peers.flax_setup(cell, params, a0, c0)))
     if avail.get("equinox"):
-        specs.append(("equinox", lambda: peers.equinox_setup(cell, k[5], n_x, n_a, a0, c0)))
+        specs.append(("equinox", lambda: peers.equinox_setup(cell, params, n_x, n_a, a0, c0)))
 
     if products:
         specs.append(("products", lambda: peers.products_setup(cell, k[5], T, B, n_x, n_a, a0, w)))
@@ -234,10 +235,10 @@ def build_variants(cell, shape, policies, avail, notes, *, with_peers_time=True,
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             notes.add(f"{cell} {shape} {name}: failed ({type(e).__name__}: {msg})")
     if with_peers_time and avail.get("torch"):
-        variants.append(Variant("torch", "torch", peers.torch_setup(cell, n_x, n_a, xs, a0, c0, w)))
+        variants.append(Variant("torch", "torch", peers.torch_setup(cell, params, xs, a0, c0, w)))
         if cell == "lstm":  # PyTorch's GRU and RNN have no oneDNN path: the same as "torch"
             variants.append(Variant("torch-aten", "torch", peers.torch_setup(
-                cell, n_x, n_a, xs, a0, c0, w, onednn=False)))
+                cell, params, xs, a0, c0, w, onednn=False)))
     return variants
 
 
@@ -259,7 +260,7 @@ def time_interleaved(variants, runs, warmup):
     for i in range(max(1, warmup)):
         for v in variants:
             out = v.run()
-            if i == 0 and v.kind == "jax":
+            if i == 0:
                 v.out = out
     times = {v.name: [] for v in variants}
     faults = {v.name: [] for v in variants}
@@ -283,6 +284,20 @@ def rel_err(got, ref):
                         got, ref)
     errs = jax.tree.leaves(errs)
     return float("inf") if not all(map(math.isfinite, errs)) else max(errs)
+
+
+PEERS = ("flax", "equinox", "torch", "torch-aten")  # their own params: not jaxbptt's layout
+
+
+def input_grads(cell, v):
+    """A peer's gradients of xs and of the initial state, as jaxbptt's (dxs, dstate0)."""
+    if v.kind == "torch":
+        g = [jnp.asarray(t.numpy()) for t in v.out]
+        dxs, ds = g[0], [x[0] for x in g[1:]]  # h0, c0 have a leading layer axis
+    else:
+        _, dxs, ds = v.out
+        ds = ds[::-1] if v.name == "flax" and cell == "lstm" else ds  # Flax's carry is (c, h)
+    return dxs, (jaxbptt.LSTMState(*ds) if cell == "lstm" else (ds[0] if v.kind == "torch" else ds))
 
 
 def summarize(cell, shape, variants, times, faults, peak_gflops):
@@ -313,9 +328,11 @@ def summarize(cell, shape, variants, times, faults, peak_gflops):
                         "x_torch": m / torch_t if torch_t else None,
                         "faulted_mib": statistics.median(faults[v.name]) * PAGE / MiB})
         ref = by.get("autodiff")
-        if (v.kind == "jax" and v.out is not None and ref is not None and ref.out is not None
-                and (v.name.startswith("bptt") or v.name in ("remat", "scan"))):
-            row["grad_rel_err_vs_autodiff"] = rel_err(v.out, ref.out)
+        if v.out is not None and ref is not None and ref.out is not None:
+            if v.name.startswith("bptt") or v.name in ("remat", "scan"):
+                row["grad_rel_err_vs_autodiff"] = rel_err(v.out, ref.out)
+            elif v.name in PEERS:  # the same weights: the inputs' and initial state's gradients
+                row["grad_rel_err_vs_autodiff"] = rel_err(input_grads(cell, v), ref.out[1:])
         rows.append(row)
     for v in variants:
         v.out = None
@@ -507,7 +524,8 @@ def print_table(cell, rows):
         worst = {}
         for name, e in errs:
             worst[name] = max(e, worst.get(name, 0.0))
-        print("gradient check vs autodiff (max rel. error over shapes): "
+        print("gradient check vs autodiff (max rel. error over shapes; the peers' of xs and\n"
+              "the initial state, with the same weights): "
               + ", ".join(f"{n} {e:.1e}" for n, e in worst.items()))
 
 

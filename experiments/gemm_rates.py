@@ -106,11 +106,12 @@ def lstm_timer(lib, T, B, n_x, n_a):
     xs = jax.random.normal(k[0], (T, B, n_x), jnp.float32)
     a0, c0 = (0.5 * jax.random.normal(k[i], (B, n_a), jnp.float32) for i in (1, 2))
     w = jax.random.normal(k[3], (T, B, n_a), jnp.float32)
+    params = peers.jaxbptt_params("lstm", k[4], n_x, n_a)
     if lib != "xla":
-        return peers.torch_setup("lstm", n_x, n_a, xs, a0, c0, w)
+        return peers.torch_setup("lstm", params, xs, a0, c0, w)
     fwd = peers.jaxbptt_fwd("lstm", "bptt")
     grad = jax.jit(jax.grad(lambda p, xs, s0: jnp.sum(fwd(p, xs, s0) * w), argnums=(0, 1, 2)))
-    args = (peers.jaxbptt_params("lstm", k[4], n_x, n_a), xs, peers.jaxbptt_state("lstm", a0, c0))
+    args = (params, xs, peers.jaxbptt_state("lstm", a0, c0))
     return lambda: jax.block_until_ready(grad(*args))
 
 

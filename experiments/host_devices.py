@@ -115,7 +115,8 @@ def variants_for(cell, shape, n, avail, notes):
                 notes.add(f"{cell} {impl}{suffix}: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:160]}")
     if avail.get("torch"):
-        out.append(Variant("torch", "torch", peers.torch_setup(cell, n_x, n_a, xs, a0, c0, w)))
+        params = peers.jaxbptt_params(cell, k[4], n_x, n_a)
+        out.append(Variant("torch", "torch", peers.torch_setup(cell, params, xs, a0, c0, w)))
     return out
 
 
