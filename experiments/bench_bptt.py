@@ -292,12 +292,14 @@ PEERS = ("flax", "equinox", "torch", "torch-aten")  # their own params: not jaxb
 def input_grads(cell, v):
     """A peer's gradients of xs and of the initial state, as jaxbptt's (dxs, dstate0)."""
     if v.kind == "torch":
-        g = [jnp.asarray(t.numpy()) for t in v.out]
-        dxs, ds = g[0], [x[0] for x in g[1:]]  # h0, c0 have a leading layer axis
+        dxs, *ds = [jnp.asarray(t.numpy()) for t in v.out]
+        ds = [s[0] for s in ds]  # h0 (and c0) have a leading layer axis
     else:
         _, dxs, ds = v.out
-        ds = ds[::-1] if v.name == "flax" and cell == "lstm" else ds  # Flax's carry is (c, h)
-    return dxs, (jaxbptt.LSTMState(*ds) if cell == "lstm" else (ds[0] if v.kind == "torch" else ds))
+        ds = list(ds) if cell == "lstm" else [ds]
+        if v.name == "flax" and cell == "lstm":  # Flax's carry is (c, h)
+            ds = ds[::-1]
+    return dxs, (jaxbptt.LSTMState(*ds) if cell == "lstm" else ds[0])
 
 
 def summarize(cell, shape, variants, times, faults, peak_gflops):
